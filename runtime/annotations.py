@@ -1,0 +1,105 @@
+"""The opt-in contract: `warmstart.dev/*` annotations, parsed and validated in one place.
+
+A container is touched only when this module returns a Policy; every problem
+is a one-line error naming the annotation and the fix, and the caller then
+runs the container as plain runc.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from . import identity as ident
+
+PREFIX = "warmstart.dev/"
+CHECKPOINT = PREFIX + "checkpoint"
+ID = PREFIX + "id"
+IDENTITY = PREFIX + "identity"
+KNOWN = {CHECKPOINT, ID, IDENTITY}
+CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+ID_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+MAX_VALUE = 64 * 1024
+
+
+class Mode(str, Enum):
+    ON_STOP = "on-stop"          # checkpoint at the first SIGTERM if none exists; restore when one does
+    RESTORE_ONLY = "restore-only"  # restore when a checkpoint exists; never dump
+    OFF = "off"
+
+
+class AnnotationError(ValueError):
+    """A bad warmstart.dev/* annotation; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    mode: Mode
+    checkpoint_id: str
+    id_source: str  # "id", "identity", "env", "auto": how the id was chosen
+    identity: dict[str, Any] | None = None
+
+
+def validate_id(value: str, field: str = ID) -> str:
+    if not isinstance(value, str) or not ID_RE.fullmatch(value):
+        shown = repr(value)[:80]
+        raise AnnotationError(
+            f"{field}: invalid checkpoint id {shown}; use 1-128 characters from [A-Za-z0-9._-], not starting with '.'")
+    return value
+
+
+def is_sandbox(annotations: dict[str, str]) -> bool:
+    return annotations.get(CONTAINER_TYPE) == "sandbox"
+
+
+def policy_from_spec(spec: dict[str, Any]) -> Policy | None:
+    """The container's policy, or None when it did not opt in (or is a CRI sandbox)."""
+    ann = spec.get("annotations") or {}
+    if not isinstance(ann, dict):
+        raise AnnotationError("annotations: config.json annotations must be an object")
+    ours = {k: v for k, v in ann.items() if isinstance(k, str) and k.startswith(PREFIX)}
+    if not ours or is_sandbox(ann):
+        return None
+    for key, val in ours.items():
+        if key not in KNOWN:
+            raise AnnotationError(f"{key}: unknown annotation; known: {', '.join(sorted(KNOWN))}")
+        if not isinstance(val, str) or len(val) > MAX_VALUE or "\x00" in val:
+            raise AnnotationError(f"{key}: value must be a string under {MAX_VALUE} bytes without NUL")
+    raw_mode = ours.get(CHECKPOINT)
+    if raw_mode is None:
+        raise AnnotationError(f"{CHECKPOINT}: missing; set it to one of on-stop, restore-only, off")
+    try:
+        mode = Mode(raw_mode.strip())
+    except ValueError:
+        raise AnnotationError(
+            f"{CHECKPOINT}: unknown mode {raw_mode[:40]!r}; use one of on-stop, restore-only, off") from None
+    if mode is Mode.OFF:
+        return None
+    identity = None
+    if IDENTITY in ours:
+        try:
+            identity = ident.normalize_identity(json.loads(ours[IDENTITY]))
+        except ValueError as e:  # JSONDecodeError and IdentityError
+            raise AnnotationError(f"{IDENTITY}: {e}") from None
+    if ID in ours:
+        cid = validate_id(ours[ID])
+        if identity is not None and ident.identity_hash(identity) != cid:
+            raise AnnotationError(
+                f"{ID} and {IDENTITY} conflict: the identity hashes to {ident.identity_hash(identity)}; set only one")
+        return Policy(mode, cid, "id", identity)
+    if identity is not None:
+        return Policy(mode, ident.identity_hash(identity), "identity", identity)
+    env_hash = _env(spec).get("DYN_CHECKPOINT_HASH")
+    if env_hash:
+        return Policy(mode, validate_id(env_hash, "env DYN_CHECKPOINT_HASH"), "env")
+    return Policy(mode, ident.fallback_hash(spec), "auto")
+
+
+def _env(spec: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for e in (spec.get("process") or {}).get("env") or []:
+        k, _, v = str(e).partition("=")
+        out[k] = v
+    return out

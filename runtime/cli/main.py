@@ -1,0 +1,63 @@
+"""`warmstart`: the admin CLI. Each subcommand lives in its own module; this file only wires them."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module under warmstart.cli, one-line help)
+COMMANDS = {
+    "list": ("store_cmds", "list checkpoints and their state"),
+    "inspect": ("store_cmds", "show a checkpoint's metadata"),
+    "verify": ("store_cmds", "fully verify a checkpoint (hashes, schema) and seal it"),
+    "remove": ("store_cmds", "remove a checkpoint"),
+    "gc": ("store_cmds", "reap abandoned temp dirs and incomplete checkpoints"),
+    "identity": ("store_cmds", "print the checkpoint id for a DynamoCheckpoint identity"),
+    "push": ("registry", "push a checkpoint to a registry as an OCI image (skopeo)"),
+    "pull": ("registry", "pull a checkpoint from a registry into the store"),
+    "doctor": ("doctor", "check this node's set-up; one line per check, with fixes"),
+    "demo": ("demo", "run a real cold start, checkpoint and restore, and print the timings"),
+    "bench": ("bench", "benchmark restore against cold start and the physical floors"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="warmstart", description="warmstart: CRIU checkpoint/restore for containers")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (mod, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        try:
+            module = importlib.import_module(f"warmstart.cli.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"warmstart.cli.{mod}":
+                raise
+            p.set_defaults(_missing=name)
+            continue
+        adder = getattr(module, f"add_{name}_arguments", None) or getattr(module, "add_arguments", None)
+        if adder:
+            adder(p)
+        runner = getattr(module, f"run_{name}", None) or getattr(module, "run")
+        p.set_defaults(_run=runner)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if getattr(args, "_missing", None):
+        print(f"warmstart {args.command}: not available in this build", file=sys.stderr)
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - one clear line, not a traceback, for operators
+        from warmstart.config import ConfigError  # noqa: PLC0415
+        if isinstance(e, (ConfigError, ValueError, OSError)):
+            print(f"warmstart {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

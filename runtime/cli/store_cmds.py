@@ -1,0 +1,127 @@
+"""Store commands: list, inspect, verify, remove, gc, identity."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .. import config, identity
+from ..annotations import validate_id
+from ..store import CheckpointError, Store
+
+
+def _store() -> Store:
+    return Store(config.load())
+
+
+def add_list_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run_list(args: argparse.Namespace) -> int:
+    store = _store()
+    rows = []
+    for cid in store.ids():
+        path = store.root / cid
+        q = store.quarantine_state(cid)
+        status = "complete" if store.exists(cid) else "incomplete"
+        if q.get("quarantined"):
+            status = "quarantined"
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path.is_dir() else 0
+        rows.append({"id": cid, "status": status, "bytes": size, "restore_failures": q.get("failures", 0),
+                     "last_error": q.get("last_error")})
+    tmp = store.root / ".tmp"
+    for entry in sorted(tmp.iterdir()) if tmp.is_dir() else []:
+        if not entry.name.startswith("trash."):
+            rows.append({"id": entry.name.split(".", 1)[0], "status": "in-progress", "bytes": 0,
+                         "restore_failures": 0, "last_error": None})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'ID':<40} {'STATUS':<12} {'SIZE':>10}  FAILURES")
+    for r in rows:
+        print(f"{r['id']:<40} {r['status']:<12} {r['bytes'] / 2**20:>8.1f}Mi  {r['restore_failures']}"
+              + (f"  ({r['last_error']})" if r["last_error"] else ""))
+    return 0
+
+
+def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("id", type=validate_id)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    store = _store()
+    path = store.path(args.id)
+    try:
+        meta = json.loads((path / "metadata.json").read_text())
+    except FileNotFoundError:
+        print(f"warmstart inspect: no checkpoint {args.id} in {store.root}", file=sys.stderr)
+        return 1
+    meta["quarantine"] = store.quarantine_state(args.id)
+    print(json.dumps(meta, indent=1, sort_keys=True))
+    return 0
+
+
+def add_verify_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("id", type=validate_id)
+    p.add_argument("--clear", action="store_true", help="also clear a quarantine after a successful check")
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    store = _store()
+    try:
+        ck = store.open_verified(args.id, full=True)
+    except CheckpointError as e:
+        print(f"warmstart verify: {args.id}: REFUSED: {e}", file=sys.stderr)
+        return 1
+    if args.clear:
+        store.clear_quarantine(args.id)
+    print(f"{args.id}: ok ({len(ck.metadata['manifest'])} files hashed, sealed)"
+          + ("; quarantine cleared" if args.clear else ""))
+    return 0
+
+
+def add_remove_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("id", type=validate_id)
+
+
+def run_remove(args: argparse.Namespace) -> int:
+    try:
+        existed = _store().remove(args.id)
+    except CheckpointError as e:
+        print(f"warmstart remove: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.id}: removed" if existed else f"{args.id}: not present")
+    return 0
+
+
+def add_gc_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-age", type=float, default=3600.0,
+                   help="only reap temp dirs older than this many seconds (default 3600; locks are checked anyway)")
+
+
+def run_gc(args: argparse.Namespace) -> int:
+    removed = _store().gc(max_tmp_age_s=args.min_age)
+    for r in removed:
+        print(f"removed {r}")
+    print(f"gc: {len(removed)} removed")
+    return 0
+
+
+def add_identity_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", required=True, dest="identity_json",
+                   help="a DynamoCheckpoint identity as JSON, keys in any order")
+
+
+def run_identity(args: argparse.Namespace) -> int:
+    try:
+        ident = json.loads(args.identity_json)
+    except ValueError as e:
+        print(f"warmstart identity: --json: not valid JSON ({e})", file=sys.stderr)
+        return 2
+    try:
+        print(identity.identity_hash(ident))
+    except identity.IdentityError as e:
+        print(f"warmstart identity: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,76 @@
+"""Node settings: `/etc/warmstart/config.toml` (or $WARMSTART_CONFIG), then env overrides.
+
+Every path the runtime touches comes from here, so tests can point a whole
+node (store, state, logs) at a temp dir with one config file or env var.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+DEFAULT_CONFIG = Path("/etc/warmstart/config.toml")
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    store: Path = Path("/var/lib/warmstart/checkpoints")
+    seal_dir: Path = Path("/var/lib/warmstart/seals")
+    state_dir: Path = Path("/run/warmstart")
+    log_dir: Path = Path("/var/log/warmstart")
+    runc: Path = Path("/usr/sbin/runc")
+    criu: Path = Path("/usr/local/sbin/criu")
+    # Consecutive failed restores of one checkpoint before it is quarantined.
+    max_restore_failures: int = 3
+    # Seconds a dump may take before it is abandoned (CRIU `timeout`).
+    dump_timeout_s: int = 600
+    # Env keys never written to metadata in clear (values are hashed).
+    secret_env_patterns: tuple[str, ...] = field(
+        default=("*TOKEN*", "*SECRET*", "*PASSWORD*", "*PASSWD*", "*KEY*", "*CREDENTIAL*", "*AUTH*"))
+
+    @property
+    def config_source(self) -> str:
+        return os.environ.get("WARMSTART_CONFIG", str(DEFAULT_CONFIG))
+
+
+_PATH_KEYS = {"store", "seal_dir", "state_dir", "log_dir", "runc", "criu"}
+_INT_KEYS = {"max_restore_failures", "dump_timeout_s"}
+
+
+def load(path: Path | None = None) -> Settings:
+    """Read the config file (missing file = defaults) and apply env overrides."""
+    path = path or Path(os.environ.get("WARMSTART_CONFIG", DEFAULT_CONFIG))
+    values: dict[str, object] = {}
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raw = {}
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path}: cannot parse config ({e}); fix the TOML syntax") from e
+    known = {f.name for f in fields(Settings)}
+    for key, val in raw.items():
+        if key not in known:
+            raise ConfigError(f"{path}: unknown key {key!r}; valid keys: {', '.join(sorted(known))}")
+        if key in _PATH_KEYS:
+            if not isinstance(val, str) or not val.startswith("/"):
+                raise ConfigError(f"{path}: {key} must be an absolute path string, got {val!r}")
+            values[key] = Path(val)
+        elif key in _INT_KEYS:
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ConfigError(f"{path}: {key} must be a positive integer, got {val!r}")
+            values[key] = val
+        elif key == "secret_env_patterns":
+            if not isinstance(val, list) or not all(isinstance(v, str) for v in val):
+                raise ConfigError(f"{path}: secret_env_patterns must be a list of glob strings")
+            values[key] = tuple(val)
+    store_env = os.environ.get("WARMSTART_STORE")
+    if store_env:
+        if not store_env.startswith("/"):
+            raise ConfigError(f"WARMSTART_STORE must be an absolute path, got {store_env!r}")
+        values["store"] = Path(store_env)
+    return Settings(**values)  # type: ignore[arg-type]

@@ -1,0 +1,120 @@
+"""Every CRIU option we use, the per-operation CRIU config file, and image reading via pycriu.
+
+runc exposes only some CRIU options as flags; the rest reach CRIU through a
+config file whose path runc reads from the container's `org.criu.config`
+annotation (on checkpoint and on restore).  We give each opted-in container
+its own such file and rewrite it before each operation.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+CONFIG_ANNOTATION = "org.criu.config"
+MIN_VERSION = (4, 1)
+
+# Dump: established TCP connections are dumped (runc --tcp-established) and
+# open-but-deleted files are link-remapped rather than failing the dump.
+DUMP_OPTIONS = ["link-remap", "ghost-limit 64M"]
+# Restore: connections from the old pod cannot come back in a new network
+# namespace with a new IP; restore them closed so the worker sees a reset.
+RESTORE_OPTIONS = ["tcp-close"]
+
+
+@dataclass
+class CriuConfig:
+    """One CRIU config file's content, option per line, without leading dashes."""
+    options: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        for opt in self.options:
+            if "\n" in opt or opt.startswith("-"):
+                raise ValueError(f"CRIU option {opt!r}: must be one line without leading dashes")
+        return "".join(o + "\n" for o in self.options)
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.write_text(self.render())
+        path.chmod(0o600)
+
+
+def dump_config(timeout_s: int) -> CriuConfig:
+    return CriuConfig(DUMP_OPTIONS + [f"timeout {int(timeout_s)}"])
+
+
+def restore_config(cgroup_root: str | None, ext_mount_maps: dict[str, str] | None = None) -> CriuConfig:
+    """`cgroup-root :<path>` puts restored tasks into the *new* container's cgroup.
+
+    runc 1.1.x otherwise restores them into the dumped container's cgroup on
+    cgroup v2 (design.md §6); with the new path CRIU recreates the tree there.
+    """
+    opts = list(RESTORE_OPTIONS)
+    if cgroup_root:
+        opts.append(f"cgroup-root :{cgroup_root}")
+    for key, val in (ext_mount_maps or {}).items():
+        opts.append(f"ext-mount-map {key}:{val}")
+    return CriuConfig(opts)
+
+
+@lru_cache(maxsize=4)
+def version(criu: Path) -> tuple[int, ...] | None:
+    try:
+        out = subprocess.run([str(criu), "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"Version:\s*(\d+)\.(\d+)(?:\.(\d+))?", out)
+    if not m:
+        return None
+    return tuple(int(x) for x in m.groups() if x is not None)
+
+
+def version_str(v: tuple[int, ...] | None) -> str:
+    return ".".join(map(str, v)) if v else "unknown"
+
+
+def parse_version(s: str) -> tuple[int, ...] | None:
+    m = re.fullmatch(r"(\d+)\.(\d+)(?:\.(\d+))?", s.strip())
+    return tuple(int(x) for x in m.groups() if x is not None) if m else None
+
+
+def load_image(path: Path) -> dict[str, Any]:
+    """Decode one CRIU image file with pycriu (CRIU's own decoder)."""
+    from pycriu import images  # noqa: PLC0415 - protobuf import is heavy; only on dump/inspect
+
+    with open(path, "rb") as f:
+        return images.load(f)
+
+
+def dump_stats(work_dir: Path) -> dict[str, Any]:
+    """CRIU's own dump timings (µs) and page counts from `stats-dump` (CRIU writes it to its cwd: the work dir)."""
+    p = work_dir / "stats-dump"
+    if not p.exists():
+        return {}
+    try:
+        entries = load_image(p).get("entries") or []
+    except Exception as e:  # noqa: BLE001 - a bad stats file must not fail a finished dump
+        return {"error": f"stats-dump unreadable: {e}"}
+    return dict(entries[0].get("dump") or {}) if entries else {}
+
+
+def restore_stats(work_dir: Path) -> dict[str, Any]:
+    p = work_dir / "stats-restore"
+    if not p.exists():
+        return {}
+    try:
+        entries = load_image(p).get("entries") or []
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"stats-restore unreadable: {e}"}
+    return dict(entries[0].get("restore") or {}) if entries else {}
+
+
+def mount_entries(image_dir: Path) -> list[dict[str, Any]]:
+    """Mount points recorded in the dump (mountpoints-*.img), for remapping at restore."""
+    out: list[dict[str, Any]] = []
+    for p in sorted(image_dir.glob("mountpoints-*.img")):
+        out.extend(load_image(p).get("entries") or [])
+    return out

@@ -1,0 +1,136 @@
+"""The dump flow: on an opted-in container's first SIGTERM, checkpoint it into the store.
+
+Phases: lock → criu-config → checkpoint (runc/CRIU; the container stops here) →
+rootfs-diff → metadata → publish (hash, fsync, marker, rename, seal).  Any
+failure discards the temp dir, so no `checkpoint.done` ever marks a partial
+dump, and the caller lets the stop go on as plain runc.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import criu, rootfs, runc, versions
+from .config import Settings
+from .log import Logger
+from .phases import Phases
+from .state import ContainerState, StateDir
+from .store import DELETED, DUMP_LOG, ROOTFS_DIFF, Store
+
+
+@dataclass
+class DumpResult:
+    ok: bool
+    reason: str
+    path: Path | None = None
+    phases: dict[str, float] | None = None
+    stopped: bool = False  # CRIU stopped the container (the dump got past `runc checkpoint`)
+
+
+def redact_env(env: list[str], patterns: tuple[str, ...]) -> list[str]:
+    """Values of keys that look like secrets are replaced by a hash: comparable, not readable."""
+    out = []
+    for item in env:
+        key, sep, val = item.partition("=")
+        if any(fnmatch.fnmatchcase(key.upper(), p.upper()) for p in patterns):
+            val = "sha256:" + hashlib.sha256(val.encode()).hexdigest()[:16]
+        out.append(f"{key}{sep}{val}")
+    return out
+
+
+def build_metadata(settings: Settings, st: ContainerState, spec: dict[str, Any], phases: dict[str, float],
+                   stats: dict[str, Any], diff: rootfs.DiffSummary, rootfs_kind: str) -> dict[str, Any]:
+    proc = spec.get("process") or {}
+    ann = spec.get("annotations") or {}
+    linux = spec.get("linux") or {}
+    return {
+        "schema_version": 1,
+        "id": st.checkpoint_id,
+        "id_source": st.id_source,
+        "identity": st.identity,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "container": {
+            "id": st.container_id,
+            "args": [str(a) for a in proc.get("args") or []],
+            "env": redact_env([str(e) for e in proc.get("env") or []], settings.secret_env_patterns),
+            "cwd": str(proc.get("cwd") or "/"),
+            "image": ann.get("io.kubernetes.cri.image-name") or ann.get("io.containerd.image.name") or "",
+            "hostname": str(spec.get("hostname") or ""),
+            "rootfs": {"kind": rootfs_kind, "readonly": bool((spec.get("root") or {}).get("readonly"))},
+            "mounts": [{k: m[k] for k in ("destination", "type", "source", "options") if k in m}
+                       for m in spec.get("mounts") or []],
+            "cgroup": {"version": versions.cgroup_version(), "path": st.cgroup_path or ""},
+            "namespaces": sorted(str(n.get("type")) for n in linux.get("namespaces") or []),
+        },
+        "versions": versions.node_versions(settings.runc, settings.criu),
+        "dump": {"phases": phases, "criu_stats": stats},
+        "rootfs_diff": {"files": diff.files, "deleted": diff.deleted, "bytes": diff.bytes},
+        "sizes": {"total_bytes": 0, "files": 0,
+                  "pages_bytes": int(stats.get("pages_written", 0)) * 4096 if isinstance(stats, dict) else 0},
+        "manifest": {},
+    }
+
+
+def dump(settings: Settings, g: runc.GlobalOpts, st: ContainerState, sd: StateDir, log: Logger,
+         leave_running: bool = False) -> DumpResult:
+    store = Store(settings)
+    cid = st.checkpoint_id
+    ph = Phases()
+    with store.lock(cid) as held:
+        if not held:
+            return DumpResult(False, f"another dump of checkpoint {cid} is in progress; skipping this one")
+        if store.exists(cid):
+            return DumpResult(False, f"checkpoint {cid} already exists; not dumping again")
+        tmp = store.new_tmp(cid)
+        stopped = False
+        work = sd.work / f"dump-{int(time.time() * 1000)}"
+        try:
+            spec = json.loads((Path(st.bundle) / "config.json").read_text())
+            with ph("criu_config"):
+                criu.dump_config(settings.dump_timeout_s).write(sd.criu_conf)
+                work.mkdir(mode=0o700, parents=True)
+            with ph("checkpoint"):
+                p = runc.run(settings.runc, runc.checkpoint_argv(g, settings.criu, st.container_id, tmp, work,
+                                                                leave_running=leave_running),
+                             timeout=settings.dump_timeout_s + 30)
+            if (work / "dump.log").exists():
+                shutil.copyfile(work / "dump.log", tmp / DUMP_LOG)
+            if p.returncode != 0:
+                return DumpResult(False, f"runc checkpoint failed (exit {p.returncode}): "
+                                         f"{_last_error(p.stderr, work / 'dump.log')}")
+            stopped = not leave_running
+            rootfs_dir = Path(st.rootfs)
+            kind = "overlay" if rootfs.overlay_upperdir(rootfs_dir) is not None else "dir"
+            with ph("rootfs_diff"):
+                diff = rootfs.capture(rootfs_dir, sd.baseline, tmp / ROOTFS_DIFF, tmp / DELETED)
+            with ph("metadata"):
+                stats = criu.dump_stats(work)
+                meta = build_metadata(settings, st, spec, {}, stats, diff, kind)
+            with ph("publish"):
+                meta["dump"]["phases"] = dict(ph.timings)
+                final = store.publish(cid, tmp, meta)
+            return DumpResult(True, "checkpoint published", final, dict(ph.timings))
+        except Exception as e:  # noqa: BLE001 - every failure means: no checkpoint, stop as plain runc
+            return DumpResult(False, f"dump failed after phase {list(ph.timings)[-1:] or ['start']}: "
+                                     f"{type(e).__name__}: {e}", stopped=stopped)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _last_error(stderr: str, criu_log: Path) -> str:
+    """The most telling line: CRIU's first Error line, else runc's stderr tail."""
+    try:
+        for line in criu_log.read_text(errors="replace").splitlines():
+            if "Error" in line and "RLIMIT_NOFILE" not in line:
+                return line.strip()[:300]
+    except OSError:
+        pass
+    return (stderr or "").strip().splitlines()[-1][:300] if (stderr or "").strip() else "no error output"

@@ -1,0 +1,159 @@
+"""The slow path: runc calls that concern an opted-in container (create, start, kill, delete).
+
+Each handler either does warmstart's work and returns runc's exit code, or
+falls back to exec'ing runc with the caller's argv unchanged.  Any exception
+lands in the fallback: a warmstart bug must never cost the user a container.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from . import annotations, config, rootfs, runc
+from .log import Logger
+from .state import ContainerState, StateDir
+from .store import Store, write_json_atomic
+
+TERM_SIGNALS = {"15", "TERM", "SIGTERM"}
+
+
+def exec_runc(settings_runc: Path | str, argv: list[str]) -> NoReturn:
+    os.execv(str(settings_runc), [str(settings_runc)] + argv)
+
+
+def main(argv: list[str], sub_i: int) -> int:
+    g = runc.GlobalOpts.parse(argv[:sub_i])
+    sub, rest = argv[sub_i], argv[sub_i + 1:]
+    runc_path: Path | str = "/usr/sbin/runc"
+    log = Logger(runc_log=Path(g.log) if g.log else None)
+    try:
+        settings = config.load()
+        runc_path = settings.runc
+        log.log_dir = settings.log_dir
+        handler = {"create": create, "start": start, "kill": kill, "delete": delete}[sub]
+        return handler(settings, g, argv, rest, log)
+    except SystemExit:
+        raise
+    except BaseException as e:  # noqa: BLE001 - fall back to plain runc, say why
+        log.error(f"internal error in {sub}; passing the call to runc unchanged: {type(e).__name__}: {e}")
+        exec_runc(runc_path, argv)
+
+
+# -- create -------------------------------------------------------------------
+
+def _inject(spec: dict[str, Any], sd: StateDir) -> dict[str, Any]:
+    """Our additions to the bundle's config.json: the CRIU config path runc reads, and lifecycle hooks."""
+    spec = dict(spec)
+    spec["annotations"] = dict(spec.get("annotations") or {}, **{"org.criu.config": str(sd.criu_conf)})
+    hook_bin = Path(sys.prefix) / "bin" / "warmstart-hook"
+    if hook_bin.exists():
+        hooks = {k: list(v) for k, v in (spec.get("hooks") or {}).items()}
+        hooks.setdefault("createRuntime", []).append(
+            {"path": str(hook_bin), "args": ["warmstart-hook", "createRuntime", "--state-dir", str(sd.path)],
+             "timeout": 10})
+        hooks.setdefault("poststop", []).append(
+            {"path": str(hook_bin), "args": ["warmstart-hook", "poststop", "--state-dir", str(sd.path)],
+             "timeout": 10})
+        spec["hooks"] = hooks
+    return spec
+
+
+def _shares_pid_ns(spec: dict[str, Any]) -> bool:
+    return any(ns.get("type") == "pid" and ns.get("path") for ns in (spec.get("linux") or {}).get("namespaces") or [])
+
+
+def create(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest: list[str], log: Logger) -> int:
+    c = runc.CreateArgs.parse(rest)
+    log.context = {"container": c.id}
+    cfg = c.bundle / "config.json"
+    spec = json.loads(cfg.read_text())
+    try:
+        policy = annotations.policy_from_spec(spec)
+    except annotations.AnnotationError as e:
+        log.error(f"{e}; running the container as plain runc")
+        exec_runc(settings.runc, argv)
+    if policy is None:
+        exec_runc(settings.runc, argv)
+    log.context["checkpoint_id"] = policy.checkpoint_id
+    sd = StateDir(settings.state_dir, c.id)
+    sd.create()
+    st = ContainerState(container_id=c.id, checkpoint_id=policy.checkpoint_id, mode=policy.mode.value,
+                        bundle=str(c.bundle), rootfs=str(rootfs.rootfs_path(c.bundle, spec)), runc_root=g.root,
+                        identity=policy.identity, id_source=policy.id_source, share_pid_ns=_shares_pid_ns(spec))
+    write_json_atomic(sd.path / "config.json.orig", spec)
+    write_json_atomic(cfg, _inject(spec, sd), mode=0o644)
+    rootfs_dir = Path(st.rootfs)
+    if rootfs.overlay_upperdir(rootfs_dir) is None:
+        rootfs.take_baseline(rootfs_dir, sd.baseline)  # before any restore diff: later dumps carry it
+    sd.save(st)
+    store = Store(settings)
+    if st.share_pid_ns:
+        log.warning("container shares the pod's PID namespace: CRIU cannot checkpoint or restore it alone; "
+                    "running cold, no checkpoint will be taken (use shareProcessNamespace: false)")
+        exec_runc(settings.runc, argv)
+    if store.exists(policy.checkpoint_id):
+        from .restore import restore  # noqa: PLC0415
+        res = restore(settings, g, c, spec, st, sd, log)
+        if res.ok:
+            st.restored, st.restored_from = True, policy.checkpoint_id
+            sd.save(st)
+            log.info(res.reason, phases=res.phases, pid=res.pid)
+            return 0
+        log.warning(f"cold start: {res.reason}", phases=res.phases)
+    else:
+        log.info(f"cold start: no checkpoint {policy.checkpoint_id} in the store yet",
+                 will_dump=policy.mode is annotations.Mode.ON_STOP)
+    exec_runc(settings.runc, argv)
+
+
+# -- start, kill, delete ------------------------------------------------------
+
+def _load(settings: config.Settings, cid: str) -> tuple[StateDir, ContainerState] | None:
+    sd = StateDir(settings.state_dir, cid)
+    return (sd, sd.load()) if sd.exists() else None
+
+
+def start(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest: list[str], log: Logger) -> int:
+    ids = runc.positional(rest)
+    loaded = _load(settings, ids[0]) if ids else None
+    if loaded and loaded[1].restored:
+        return 0  # `runc restore --detach` already left the process running
+    exec_runc(settings.runc, argv)
+
+
+def kill(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest: list[str], log: Logger) -> int:
+    pos = runc.positional(rest)
+    loaded = _load(settings, pos[0]) if pos else None
+    sig = pos[1] if len(pos) > 1 else "SIGTERM"
+    if loaded is None or "--all" in rest or "-a" in rest or sig.upper() not in TERM_SIGNALS:
+        exec_runc(settings.runc, argv)
+    sd, st = loaded
+    log.context = {"container": st.container_id, "checkpoint_id": st.checkpoint_id}
+    if st.mode != annotations.Mode.ON_STOP.value or st.dumped:
+        exec_runc(settings.runc, argv)
+    if st.share_pid_ns:
+        log.info("not checkpointed: the container shares the pod's PID namespace")
+        exec_runc(settings.runc, argv)
+    from .dump import dump  # noqa: PLC0415
+    res = dump(settings, g, st, sd, log)
+    if res.ok:
+        st.dumped = True
+        sd.save(st)
+        log.info(f"checkpointed on stop into {res.path}", phases=res.phases)
+        return 0  # CRIU stopped the container at the dump: the stop is complete
+    if res.stopped:
+        log.warning(f"not checkpointed: {res.reason}; the container is already stopped")
+        return 0
+    log.warning(f"not checkpointed: {res.reason}; stopping as plain runc")
+    exec_runc(settings.runc, argv)
+
+
+def delete(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest: list[str], log: Logger) -> int:
+    pos = runc.positional(rest)
+    p = runc.run(settings.runc, argv, capture=False)
+    if pos and (p.returncode == 0 or runc.state(settings.runc, g, pos[0]) is None):
+        StateDir(settings.state_dir, pos[0]).remove()  # gone from runc: nothing of ours may outlive it
+    return p.returncode

@@ -1,0 +1,222 @@
+"""The restore decision and flow: `runc restore` in place of `runc create`, or a reason not to.
+
+Phases: verify (store checks: marker, seal or hashes, schema) → compatible
+(node and container vs. metadata) → prepare (work dir, CRIU config:
+cgroup placement, namespaces to join) → rootfs (apply the diff, journaled) →
+restore (runc restore --detach).  Every failure undoes what was done and
+returns a reason; the caller then runs the normal `runc create`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import criu, rootfs, runc, versions
+from .config import Settings
+from .log import Logger
+from .phases import Phases
+from .state import ContainerState, StateDir
+from .store import DELETED, ROOTFS_DIFF, Checkpoint, CheckpointError, Store
+
+
+@dataclass
+class RestoreResult:
+    ok: bool
+    reason: str
+    phases: dict[str, float] = field(default_factory=dict)
+    pid: int | None = None
+
+
+def incompatibility(meta: dict[str, Any], spec: dict[str, Any], node: dict[str, str]) -> str | None:
+    """Why this checkpoint cannot run here, checked before CRIU sees it; None when it can."""
+    v = meta["versions"]
+    if v.get("arch") != node["arch"]:
+        return f"checkpoint arch {v.get('arch')} differs from node arch {node['arch']}"
+    dumped, here = criu.parse_version(v.get("criu", "")), criu.parse_version(node["criu"])
+    if dumped is None or here is None or here[:2] < dumped[:2]:
+        return f"checkpoint made with CRIU {v.get('criu')}; this node has CRIU {node['criu']} (needs >= the dump's)"
+    c = meta["container"]
+    args = [str(a) for a in (spec.get("process") or {}).get("args") or []]
+    if c["args"] != args:
+        return f"container args {args!r} differ from the checkpoint's {c['args']!r}"
+    ann = spec.get("annotations") or {}
+    image = ann.get("io.kubernetes.cri.image-name") or ann.get("io.containerd.image.name") or ""
+    if c.get("image") and image and c["image"] != image:
+        return f"container image {image} differs from the checkpoint's {c['image']}"
+    if c.get("cgroup", {}).get("version") not in (None, versions.cgroup_version()):
+        return f"checkpoint taken on cgroup v{c['cgroup']['version']}, node runs v{versions.cgroup_version()}"
+    return None
+
+
+def cgroup_path(spec: dict[str, Any], container_id: str, systemd: bool) -> str:
+    """The cgroup runc gives the new container (cgroupfs path, or systemd slice:prefix:name expanded)."""
+    raw = str((spec.get("linux") or {}).get("cgroupsPath") or "")
+    if systemd and raw.count(":") == 2:
+        slice_, prefix, name = raw.split(":")
+        slice_ = slice_ or "system.slice"
+        parts, acc = [], ""
+        for piece in slice_.removesuffix(".slice").split("-"):
+            acc = f"{acc}-{piece}" if acc else piece
+            parts.append(acc + ".slice")
+        return "/" + "/".join(parts) + f"/{prefix}-{name}.scope"
+    if not raw:
+        return f"/{container_id}"
+    return raw if raw.startswith("/") else f"/{raw}"
+
+
+def join_namespaces(spec: dict[str, Any]) -> list[str]:
+    """Namespaces the new container joins by path (a CRI pod's UTS and IPC) for CRIU's join-ns.
+
+    runc 1.1 hands CRIU only net and pid as external; without this the restored
+    container gets the *old* pod's hostname and IPC state.
+    """
+    out = []
+    for ns in (spec.get("linux") or {}).get("namespaces") or []:
+        if ns.get("type") in ("uts", "ipc") and ns.get("path"):
+            out.append(f"join-ns {ns['type']}:{ns['path']}")
+    return out
+
+
+def restore(settings: Settings, g: runc.GlobalOpts, c: runc.CreateArgs, spec: dict[str, Any],
+            st: ContainerState, sd: StateDir, log: Logger) -> RestoreResult:
+    store = Store(settings)
+    ph = Phases()
+    cid = st.checkpoint_id
+    q = store.quarantine_state(cid)
+    if q.get("quarantined"):
+        return RestoreResult(False, f"checkpoint {cid} is quarantined after {q.get('failures')} failed restores "
+                                    f"(last: {q.get('last_error')}); clear with `warmstart verify --clear {cid}`")
+    journal = rootfs.Journal(sd.path / "rootfs-backup")
+    rootfs_dir = Path(st.rootfs)
+    work = sd.work / "restore"
+    applied = False
+    with store.lock(cid, exclusive=False, blocking=True):  # gc/remove wait; other restores share
+        try:
+            with ph("verify"):
+                ckpt = store.open_verified(cid)
+            with ph("compatible"):
+                why = incompatibility(ckpt.metadata, spec, versions.node_versions(settings.runc, settings.criu))
+            if why:
+                return RestoreResult(False, f"checkpoint {cid} is incompatible: {why}", ph.timings)
+            with ph("prepare"):
+                shutil.rmtree(work, ignore_errors=True)
+                work.mkdir(mode=0o700, parents=True)
+                cg = cgroup_path(spec, c.id, g.systemd_cgroup)
+                st.cgroup_path = cg
+                conf = criu.restore_config(cg)
+                conf.options += join_namespaces(spec)
+                conf.write(sd.criu_conf)
+            with ph("rootfs"):
+                applied = True
+                rootfs.apply(rootfs_dir, ckpt.path / ROOTFS_DIFF, ckpt.path / DELETED, journal)
+            with ph("restore"):
+                # Images are read in place: CRIU writes only to the work dir (stats, logs),
+                # so the sealed checkpoint stays untouched and may sit on a read-only store.
+                argv = runc.restore_argv(g, settings.criu, c, ckpt.path, work, extra=["--no-subreaper"])
+                # stdio inherited: runc hands our fds 0-2 (the shim's pipes) to the restored process
+                p = subprocess.run([str(settings.runc)] + argv, timeout=600)
+            if p.returncode != 0:
+                raise RestoreFailed(f"runc restore failed (exit {p.returncode}): {_reason(g.log, work)}")
+            pid = _read_pid(c.pid_file)
+            with ph("hostname"):
+                _fix_hostname(pid, spec)
+            ph.timings.update({f"criu_{k}": v for k, v in criu.restore_stats(work).items() if k.endswith("_time")})
+            store.record_restore(cid, True)
+            _keep_logs(settings, c.id, work)
+            return RestoreResult(True, f"restored from {cid} (verified by {ckpt.verified_by})", ph.timings, pid)
+        except (CheckpointError, rootfs.RootfsError) as e:
+            _cleanup(settings, g, c, rootfs_dir, journal if applied else None, log)
+            return RestoreResult(False, f"checkpoint {cid} refused: {e}", ph.timings)
+        except Exception as e:  # noqa: BLE001 - any failure: undo and start cold
+            _cleanup(settings, g, c, rootfs_dir, journal if applied else None, log)
+            _keep_logs(settings, c.id, work)
+            q = store.record_restore(cid, False, str(e)[:300])
+            extra = " (now quarantined)" if q.get("quarantined") else ""
+            return RestoreResult(False, f"restore from {cid} failed{extra}: {e}", ph.timings)
+
+
+def _fix_hostname(pid: int | None, spec: dict[str, Any]) -> None:
+    """A container with its own UTS namespace comes back with the dumped hostname: set the new one."""
+    want = spec.get("hostname")
+    own_uts = any(ns.get("type") == "uts" and not ns.get("path")
+                  for ns in (spec.get("linux") or {}).get("namespaces") or [])
+    if not want or not pid or not own_uts:
+        return
+    child = os.fork()
+    if child == 0:  # setns affects the calling process only: do it in a throwaway child
+        code = 1
+        try:
+            import ctypes
+            import socket
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(f"/proc/{pid}/ns/uts", os.O_RDONLY)
+            if libc.setns(fd, 0x04000000) == 0:  # CLONE_NEWUTS
+                socket.sethostname(want)
+                code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RestoreFailed(f"could not set hostname {want!r} in the restored container")
+
+
+class RestoreFailed(Exception):
+    pass
+
+
+def _read_pid(pid_file: str | None) -> int | None:
+    try:
+        return int(Path(pid_file).read_text().strip()) if pid_file else None
+    except (OSError, ValueError):
+        return None
+
+
+def _reason(runc_log: str | None, work: Path) -> str:
+    """CRIU's first Error line, else runc's last error in the shim's log file."""
+    try:
+        for line in (work / "restore.log").read_text(errors="replace").splitlines():
+            if "Error" in line and "RLIMIT_NOFILE" not in line:
+                return line.strip()[:300]
+    except OSError:
+        pass
+    try:
+        for line in reversed(Path(runc_log).read_text(errors="replace").splitlines() if runc_log else []):
+            rec = json.loads(line)
+            if rec.get("level") == "error":
+                return str(rec.get("msg"))[:300]
+    except (OSError, ValueError):
+        pass
+    return "no error output"
+
+
+def _keep_logs(settings: Settings, container_id: str, work: Path) -> None:
+    """CRIU's restore.log outlives the work dir under log_dir (the operator's first question)."""
+    src = work / "restore.log"
+    if src.exists():
+        try:
+            settings.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            dst = settings.log_dir / f"restore-{container_id}.log"
+            shutil.copyfile(src, dst)
+            dst.chmod(0o600)
+        except OSError:
+            pass
+
+
+def _cleanup(settings: Settings, g: runc.GlobalOpts, c: runc.CreateArgs, rootfs_dir: Path,
+             journal: rootfs.Journal | None, log: Logger) -> None:
+    """Leave nothing of a failed attempt: runc state (and its cgroup), the pid file, rootfs changes."""
+    p = runc.run(settings.runc, g.argv + ["delete", "--force", c.id], timeout=60)
+    if p.returncode != 0 and "does not exist" not in (p.stderr or "") and "not exist" not in (p.stderr or ""):
+        log.warning("cleanup: runc delete --force after failed restore", stderr=(p.stderr or "")[-300:])
+    if c.pid_file:
+        Path(c.pid_file).unlink(missing_ok=True)
+    if journal is not None:
+        try:
+            rootfs.undo(rootfs_dir, journal)
+        except Exception as e:  # noqa: BLE001
+            log.error("cleanup: could not undo the rootfs diff", error=str(e))

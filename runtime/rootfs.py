@@ -1,0 +1,387 @@
+"""The container's writable-layer diff: capture at dump, validate and apply (with undo) at restore.
+
+Capture reads an overlay upper dir when the rootfs is an overlay mount (kernel
+overlayfs records a deletion as a 0/0 character device, an opaque dir as the
+xattr trusted.overlay.opaque=y), else compares against a baseline listing taken
+when the container was created.  Apply treats the archive as hostile: every
+entry is checked before the rootfs is touched, paths are walked with
+O_NOFOLLOW so nothing outside the rootfs is ever written, and each change is
+journaled so a failed restore leaves the rootfs as it was.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+MAX_ENTRIES = 200_000
+
+
+class RootfsError(Exception):
+    """A diff entry that must not be applied; the message names it."""
+
+
+@dataclass
+class DiffSummary:
+    files: int = 0
+    deleted: int = 0
+    bytes: int = 0
+
+
+# -- where the rootfs lives ----------------------------------------------------
+
+def rootfs_path(bundle: Path, spec: dict) -> Path:
+    p = Path((spec.get("root") or {}).get("path") or "rootfs")
+    return p if p.is_absolute() else bundle / p
+
+
+def _unescape(s: str) -> str:
+    return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def overlay_upperdir(rootfs: Path) -> Path | None:
+    """The upper dir of the overlay mounted at rootfs, from our mountinfo."""
+    target = os.path.realpath(rootfs)
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            pre, _, post = line.partition(" - ")
+            fields_ = pre.split()
+            if len(fields_) < 5 or _unescape(fields_[4]) != target:
+                continue
+            post_f = post.split()
+            if post_f and post_f[0] == "overlay":
+                found = None
+                for opt in post_f[2].split(",") if len(post_f) > 2 else []:
+                    if opt.startswith("upperdir="):
+                        found = Path(_unescape(opt[len("upperdir="):]))
+            else:
+                found = None  # a later mount on the same point hides earlier ones
+    return found
+
+
+# -- baseline for plain-directory rootfs ----------------------------------------
+
+def _walk(root: Path):
+    """(relpath, lstat) for everything under root, without following symlinks or crossing mounts."""
+    dev = root.lstat().st_dev
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        d = root / rel if rel else root
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in entries:
+            r = f"{rel}/{e.name}" if rel else e.name
+            st = e.stat(follow_symlinks=False)
+            yield r, st
+            if stat.S_ISDIR(st.st_mode) and st.st_dev == dev:
+                stack.append(r)
+
+
+def _sig(st: os.stat_result) -> list[int]:
+    return [st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def take_baseline(rootfs: Path, out: Path) -> None:
+    listing = {rel: _sig(st) for rel, st in _walk(rootfs)}
+    out.write_text(json.dumps(listing, separators=(",", ":")))
+
+
+# -- capture ------------------------------------------------------------------
+
+def _is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def _opaque(path: Path) -> bool:
+    for name in ("trusted.overlay.opaque", "user.overlay.opaque"):
+        try:
+            if os.getxattr(path, name, follow_symlinks=False) == b"y":
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def capture(rootfs: Path, baseline: Path | None, tar_out: Path, deleted_out: Path) -> DiffSummary:
+    """Write rootfs-diff.tar and deleted.files for the container's changes."""
+    upper = overlay_upperdir(rootfs)
+    changed: list[tuple[str, Path]] = []  # (relpath, host path to read from)
+    deleted: list[str] = []
+    if upper is not None:
+        for rel, st in _walk(upper):
+            if _is_whiteout(st):
+                deleted.append(rel)
+                continue
+            if stat.S_ISDIR(st.st_mode) and _opaque(upper / rel):
+                deleted.append(rel)  # opaque: the lower dir's content is gone; re-created from the tar
+            changed.append((rel, upper / rel))
+    else:
+        if baseline is None or not baseline.exists():
+            raise RootfsError("no overlay upper dir and no baseline listing: cannot tell what changed")
+        before = json.loads(baseline.read_text())
+        now = {}
+        for rel, st in _walk(rootfs):
+            now[rel] = _sig(st)
+            if before.get(rel) != now[rel]:
+                if stat.S_ISDIR(st.st_mode) and rel in before and before[rel][0] == st.st_mode:
+                    continue  # a dir whose entries changed: its entries carry the change
+                changed.append((rel, rootfs / rel))
+        deleted = sorted(rel for rel in before if rel not in now)
+        # a deleted dir implies its children: keep only top-most deletions
+        deleted = [d for d in deleted if not any(d.startswith(p + "/") for p in deleted if p != d)]
+    summary = DiffSummary(deleted=len(deleted))
+    with tarfile.open(tar_out, "w", format=tarfile.PAX_FORMAT) as tar:
+        for rel, host in sorted(changed):
+            st = host.lstat()
+            info = tarfile.TarInfo(rel)
+            info.mode = stat.S_IMODE(st.st_mode)
+            info.uid, info.gid, info.mtime = st.st_uid, st.st_gid, int(st.st_mtime)
+            if stat.S_ISREG(st.st_mode):
+                info.type, info.size = tarfile.REGTYPE, st.st_size
+                with open(host, "rb") as f:
+                    tar.addfile(info, f)
+                summary.bytes += st.st_size
+            elif stat.S_ISDIR(st.st_mode):
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            elif stat.S_ISLNK(st.st_mode):
+                info.type, info.linkname = tarfile.SYMTYPE, os.readlink(host)
+                tar.addfile(info)
+            else:
+                continue  # sockets, fifos, devices: runtime objects, not files to carry
+            summary.files += 1
+    deleted_out.write_text("".join(d + "\n" for d in deleted))
+    return summary
+
+
+# -- validate -----------------------------------------------------------------
+
+def _check_rel(name: str, what: str) -> str:
+    if not name or "\x00" in name or "\n" in name:
+        raise RootfsError(f"{what} {name!r}: empty or contains NUL/newline")
+    p = PurePosixPath(name)
+    if p.is_absolute() or ".." in p.parts or name.startswith("/"):
+        raise RootfsError(f"{what} {name!r}: absolute path or '..' escapes the rootfs")
+    clean = "/".join(part for part in p.parts if part not in ("", "."))
+    if not clean:
+        raise RootfsError(f"{what} {name!r}: names the rootfs itself")
+    return clean
+
+
+def read_deleted(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        raise RootfsError("deleted.files: contains NUL bytes")
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise RootfsError("deleted.files: not UTF-8") from None
+    lines = [ln for ln in text.split("\n") if ln]
+    if len(lines) > MAX_ENTRIES:
+        raise RootfsError(f"deleted.files: {len(lines)} entries exceeds {MAX_ENTRIES}")
+    return [_check_rel(ln, "deleted.files entry") for ln in lines]
+
+
+def read_members(tar_path: Path) -> list[tarfile.TarInfo]:
+    """Members of rootfs-diff.tar, refusing anything but plain files, dirs and tame symlinks."""
+    if not tar_path.exists():
+        return []
+    try:
+        with tarfile.open(tar_path, "r:") as tar:
+            members = tar.getmembers()
+    except (tarfile.TarError, EOFError) as e:
+        raise RootfsError(f"rootfs-diff.tar: unreadable ({e})") from None
+    if len(members) > MAX_ENTRIES:
+        raise RootfsError(f"rootfs-diff.tar: {len(members)} entries exceeds {MAX_ENTRIES}")
+    for m in members:
+        m.name = _check_rel(m.name, "rootfs-diff.tar entry")
+        if m.issym():
+            target = m.linkname
+            if "\x00" in target or not target:
+                raise RootfsError(f"rootfs-diff.tar entry {m.name!r}: bad symlink target")
+            if not target.startswith("/"):
+                depth = len(PurePosixPath(m.name).parent.parts)
+                for part in PurePosixPath(target).parts:
+                    depth += -1 if part == ".." else (0 if part == "." else 1)
+                    if depth < 0:
+                        raise RootfsError(f"rootfs-diff.tar entry {m.name!r}: symlink to {target!r} escapes the rootfs")
+        elif not (m.isreg() or m.isdir()):
+            raise RootfsError(f"rootfs-diff.tar entry {m.name!r}: type {m.type!r} not allowed (only files, dirs, symlinks)")
+        if m.mode & (stat.S_ISUID | stat.S_ISGID):
+            raise RootfsError(f"rootfs-diff.tar entry {m.name!r}: setuid/setgid bits are refused")
+    return members
+
+
+# -- apply with undo ----------------------------------------------------------
+
+def _open_parent(root_fd: int, rel: str, create: bool) -> tuple[int, str]:
+    """An fd of rel's parent dir, reached without following any symlink."""
+    parts = rel.split("/")
+    fd = os.dup(root_fd)
+    try:
+        for part in parts[:-1]:
+            try:
+                nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                os.mkdir(part, 0o755, dir_fd=fd)
+                nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError as e:
+                raise RootfsError(f"{rel}: parent {part!r} is not a plain directory ({e.strerror})") from None
+            os.close(fd)
+            fd = nfd
+        return fd, parts[-1]
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+@dataclass
+class Journal:
+    """What apply changed, so undo can put the rootfs back."""
+    backup: Path
+    created: list[str] = field(default_factory=list)
+    saved: list[str] = field(default_factory=list)
+
+
+def _remove_at(dfd: int, name: str) -> None:
+    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    if stat.S_ISDIR(st.st_mode):
+        sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        try:
+            for child in os.listdir(sub):
+                _remove_at(sub, child)
+        finally:
+            os.close(sub)
+        os.rmdir(name, dir_fd=dfd)
+    else:
+        os.unlink(name, dir_fd=dfd)
+
+
+def _save(rootfs: Path, rel: str, journal: Journal) -> bool:
+    """Copy what is at rel into the backup (no-op if absent); True if something was there."""
+    src = rootfs / rel
+    try:
+        st = src.lstat()
+    except FileNotFoundError:
+        return False
+    if rel in journal.saved or any(rel.startswith(s + "/") for s in journal.saved):
+        return True
+    dst = journal.backup / rel
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if stat.S_ISDIR(st.st_mode):
+        shutil.copytree(src, dst, symlinks=True)
+    else:
+        shutil.copy2(src, dst, follow_symlinks=False)
+    journal.saved.append(rel)
+    return True
+
+
+def apply(rootfs: Path, tar_path: Path, deleted_path: Path, journal: Journal) -> DiffSummary:
+    """Apply deletions then the tar; everything is validated before the first write."""
+    deleted = read_deleted(deleted_path)
+    members = read_members(tar_path)
+    summary = DiffSummary(files=len(members), deleted=len(deleted))
+    root_fd = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for rel in deleted:
+            try:
+                dfd, name = _open_parent(root_fd, rel, create=False)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # already gone
+            try:
+                if _save(rootfs, rel, journal):
+                    _remove_at(dfd, name)
+            finally:
+                os.close(dfd)
+        with tarfile.open(tar_path, "r:") if tar_path.exists() else _empty() as tar:
+            for m in members:
+                dfd, name = _open_parent(root_fd, m.name, create=True)
+                try:
+                    existed = _save(rootfs, m.name, journal) if not m.isdir() else (rootfs / m.name).exists()
+                    if not existed:
+                        journal.created.append(m.name)
+                    if m.isdir():
+                        try:
+                            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                            if not stat.S_ISDIR(st.st_mode):
+                                _remove_at(dfd, name)
+                                os.mkdir(name, m.mode & 0o7777, dir_fd=dfd)
+                        except FileNotFoundError:
+                            os.mkdir(name, m.mode & 0o7777, dir_fd=dfd)
+                    else:
+                        try:
+                            _remove_at(dfd, name)
+                        except FileNotFoundError:
+                            pass
+                        if m.issym():
+                            os.symlink(m.linkname, name, dir_fd=dfd)
+                        else:
+                            src = tar.extractfile(m)
+                            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                         m.mode & 0o777, dir_fd=dfd)
+                            with os.fdopen(fd, "wb") as out:
+                                shutil.copyfileobj(src, out, 1 << 20)
+                                os.fchmod(out.fileno(), m.mode & 0o777)
+                            summary.bytes += m.size
+                    os.chown(name, m.uid, m.gid, dir_fd=dfd, follow_symlinks=False)
+                    if not m.issym():
+                        os.utime(name, (m.mtime, m.mtime), dir_fd=dfd, follow_symlinks=False)
+                finally:
+                    os.close(dfd)
+    finally:
+        os.close(root_fd)
+    return summary
+
+
+class _empty:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def undo(rootfs: Path, journal: Journal) -> None:
+    """Put back what apply changed: remove what it created, restore what it saved."""
+    root_fd = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for rel in reversed(journal.created):
+            try:
+                dfd, name = _open_parent(root_fd, rel, create=False)
+            except (FileNotFoundError, NotADirectoryError, RootfsError):
+                continue
+            try:
+                _remove_at(dfd, name)
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(dfd)
+        for rel in journal.saved:
+            dfd, name = _open_parent(root_fd, rel, create=True)
+            try:
+                try:
+                    _remove_at(dfd, name)
+                except FileNotFoundError:
+                    pass
+            finally:
+                os.close(dfd)
+            src, dst = journal.backup / rel, rootfs / rel
+            if src.is_dir() and not src.is_symlink():
+                shutil.copytree(src, dst, symlinks=True)
+            else:
+                shutil.copy2(src, dst, follow_symlinks=False)
+    finally:
+        os.close(root_fd)
+    shutil.rmtree(journal.backup, ignore_errors=True)

@@ -1,0 +1,130 @@
+"""The argv shapes we read from the shim and send to runc, in one place."""
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .launch import VALUE_FLAGS
+
+
+@dataclass
+class GlobalOpts:
+    """runc's global flags as the shim gave them; replayed on every runc call we make."""
+    argv: list[str] = field(default_factory=list)
+    root: str | None = None
+    log: str | None = None
+    log_format: str | None = None
+    criu: str | None = None
+    systemd_cgroup: bool = False
+
+    @classmethod
+    def parse(cls, argv: list[str]) -> "GlobalOpts":
+        g = cls(argv=list(argv))
+        i = 0
+        while i < len(argv):
+            name, eq, val = argv[i].lstrip("-").partition("=")
+            if name in VALUE_FLAGS and not eq:
+                val = argv[i + 1] if i + 1 < len(argv) else ""
+                i += 1
+            if name == "root":
+                g.root = val
+            elif name == "log":
+                g.log = val
+            elif name == "log-format":
+                g.log_format = val
+            elif name == "criu":
+                g.criu = val
+            elif name == "systemd-cgroup":
+                g.systemd_cgroup = True
+            i += 1
+        return g
+
+    def with_criu(self, criu: Path) -> list[str]:
+        """Global argv for calls that run CRIU: ours unless the caller named one."""
+        return self.argv if self.criu else self.argv + ["--criu", str(criu)]
+
+
+@dataclass
+class CreateArgs:
+    """`runc create` options (the shim: --bundle B --pid-file P [--console-socket S] ... ID)."""
+    id: str
+    bundle: Path
+    pid_file: str | None = None
+    console_socket: str | None = None
+    no_pivot: bool = False
+    no_new_keyring: bool = False
+    preserve_fds: str | None = None
+
+    @classmethod
+    def parse(cls, args: list[str]) -> "CreateArgs":
+        vals: dict[str, str | bool] = {}
+        positional: list[str] = []
+        i = 0
+        value_opts = {"bundle", "b", "pid-file", "console-socket", "preserve-fds"}
+        while i < len(args):
+            a = args[i]
+            if a.startswith("-") and a != "-":
+                name, eq, val = a.lstrip("-").partition("=")
+                if name in value_opts and not eq:
+                    i += 1
+                    val = args[i] if i < len(args) else ""
+                vals[name] = val if name in value_opts else True
+            else:
+                positional.append(a)
+            i += 1
+        if len(positional) != 1:
+            raise ValueError(f"create: expected one container id, got {positional!r}")
+        bundle = vals.get("bundle") or vals.get("b") or "."
+        return cls(id=positional[0], bundle=Path(str(bundle)).absolute(),
+                   pid_file=_s(vals.get("pid-file")), console_socket=_s(vals.get("console-socket")),
+                   no_pivot=bool(vals.get("no-pivot")), no_new_keyring=bool(vals.get("no-new-keyring")),
+                   preserve_fds=_s(vals.get("preserve-fds")))
+
+
+def _s(v: str | bool | None) -> str | None:
+    return v if isinstance(v, str) and v else None
+
+
+def positional(args: list[str]) -> list[str]:
+    return [a for a in args if not a.startswith("-")]
+
+
+def restore_argv(g: GlobalOpts, criu: Path, c: CreateArgs, image: Path, work: Path,
+                 extra: list[str] | None = None) -> list[str]:
+    """`runc restore --detach` in place of `runc create`; restore rejects --no-new-keyring and --preserve-fds."""
+    argv = g.with_criu(criu) + ["restore", "--detach", "--bundle", str(c.bundle),
+                                "--image-path", str(image), "--work-path", str(work)]
+    if c.pid_file:
+        argv += ["--pid-file", c.pid_file]
+    if c.console_socket:
+        argv += ["--console-socket", c.console_socket]
+    if c.no_pivot:
+        argv += ["--no-pivot"]
+    return argv + (extra or []) + [c.id]
+
+
+def checkpoint_argv(g: GlobalOpts, criu: Path, cid: str, image: Path, work: Path,
+                    leave_running: bool = False, extra: list[str] | None = None) -> list[str]:
+    argv = g.with_criu(criu) + ["checkpoint", "--image-path", str(image), "--work-path", str(work),
+                                "--file-locks", "--tcp-established"]
+    if leave_running:
+        argv.append("--leave-running")
+    return argv + (extra or []) + [cid]
+
+
+def run(runc: Path, argv: list[str], timeout: float | None = None,
+        capture: bool = True) -> subprocess.CompletedProcess:
+    """Run runc; stdin is inherited only when we replace create (the container's stdio)."""
+    return subprocess.run([str(runc)] + argv, capture_output=capture, text=True, timeout=timeout)
+
+
+def state(runc: Path, g: GlobalOpts, cid: str) -> dict | None:
+    p = run(runc, g.argv + ["state", cid])
+    if p.returncode != 0:
+        return None
+    try:
+        return json.loads(p.stdout)
+    except ValueError:
+        return None

@@ -1,0 +1,394 @@
+"""The checkpoint store: layout, atomic publish, per-id locks, sealing and verification.
+
+Layout (compatible with the seed's):
+    <root>/<id>/checkpoint.done   JSON marker, written last, then the dir is renamed into place
+                metadata.json     schema-checked; carries a SHA-256 manifest of every other file
+                dump.log rootfs-diff.tar deleted.files descriptors.json *.img
+    <root>/.tmp/<id>.<rand>/      dumps in progress (never seen as complete; `warmstart gc` reaps)
+    <root>/.locks/<id>.lock       flock: exclusive for dump/remove/gc, shared while restoring
+    <root>/.quarantine/<id>.json  consecutive failed restores; quarantined ids are not used
+    <seal_dir>/<id>.json          node-local seal: stat identity of each file, taken after hashing
+
+Dot-names cannot collide with ids (ids never start with '.').  A checkpoint is
+untrusted input: `open_verified` checks ownership, modes, symlinks, the marker,
+the schema, and either the node's seal (cheap: stats) or every hash (then seals).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import stat
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .annotations import validate_id
+from .config import Settings
+
+MARKER = "checkpoint.done"
+METADATA = "metadata.json"
+ROOTFS_DIFF = "rootfs-diff.tar"
+DELETED = "deleted.files"
+DUMP_LOG = "dump.log"
+CONTROL_FILES = {MARKER, METADATA}
+MAX_METADATA = 16 * 1024 * 1024
+HASH_CHUNK = 4 * 1024 * 1024
+
+
+class CheckpointError(Exception):
+    """A checkpoint that must not be used; the message names the offending entry."""
+
+
+@dataclass
+class Checkpoint:
+    id: str
+    path: Path
+    metadata: dict[str, Any]
+    verified_by: str  # "seal" or "hash"
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, (os.O_RDONLY | os.O_DIRECTORY) if directory else os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, obj: Any, mode: int = 0o600) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    data = json.dumps(obj, indent=1, sort_keys=True).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class Store:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.root = settings.store
+        self.seal_dir = settings.seal_dir
+
+    # -- layout ---------------------------------------------------------------
+    def path(self, cid: str) -> Path:
+        return self.root / validate_id(cid)
+
+    def ensure(self) -> None:
+        for d in (self.root, self.root / ".tmp", self.root / ".locks", self.root / ".quarantine", self.seal_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def exists(self, cid: str) -> bool:
+        """A complete checkpoint is present (cheap; no verification)."""
+        return (self.path(cid) / MARKER).is_file()
+
+    def ids(self) -> list[str]:
+        try:
+            return sorted(p.name for p in self.root.iterdir() if not p.name.startswith("."))
+        except FileNotFoundError:
+            return []
+
+    # -- locks ----------------------------------------------------------------
+    @contextmanager
+    def lock(self, cid: str, exclusive: bool = True, blocking: bool = False) -> Iterator[bool]:
+        """Yields True when the lock is held, False when someone else holds it (non-blocking)."""
+        self.ensure()
+        fd = os.open(self.root / ".locks" / f"{validate_id(cid)}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            flags = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+            try:
+                fcntl.flock(fd, flags | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    # -- publish --------------------------------------------------------------
+    def new_tmp(self, cid: str) -> Path:
+        self.ensure()
+        tmp = self.root / ".tmp" / f"{validate_id(cid)}.{secrets.token_hex(6)}"
+        tmp.mkdir(mode=0o700)
+        return tmp
+
+    def publish(self, cid: str, tmp: Path, metadata: dict[str, Any]) -> Path:
+        """Hash, fsync and atomically rename a finished dump into place (caller holds the lock).
+
+        The marker is the last file written, inside the temp dir, and the rename
+        makes the whole checkpoint appear at once: no reader sees half of it.
+        """
+        manifest, total = {}, 0
+        for entry in sorted(tmp.iterdir()):
+            name = entry.name
+            st = entry.lstat()
+            if not stat.S_ISREG(st.st_mode):
+                raise CheckpointError(f"{name}: not a regular file in the dump; refusing to publish")
+            if name in CONTROL_FILES:
+                continue
+            entry.chmod(0o600)
+            manifest[name] = {"sha256": sha256_file(entry), "size": st.st_size}
+            total += st.st_size
+            _fsync_path(entry)
+        metadata = dict(metadata, manifest=manifest)
+        metadata["sizes"] = dict(metadata.get("sizes") or {}, total_bytes=total, files=len(manifest))
+        from .metadata import validate  # noqa: PLC0415 - jsonschema is heavy; only at publish
+        validate(metadata)
+        write_json_atomic(tmp / METADATA, metadata)
+        final = self.path(cid)
+        marker = marker_body(cid, final, True, None)
+        marker["metadata_sha256"] = sha256_file(tmp / METADATA)  # the manifest cannot cover its own file
+        write_json_atomic(tmp / MARKER, marker)
+        _fsync_path(tmp, directory=True)
+        if final.exists() or final.is_symlink():
+            if (final / MARKER).is_file():
+                raise CheckpointError(f"{cid}: a complete checkpoint already exists; not replacing it")
+            self._discard(final)  # a leftover without marker (crash before this design's rename)
+        os.rename(tmp, final)
+        _fsync_path(self.root, directory=True)
+        self.seal(cid, final, metadata)
+        return final
+
+    def _discard(self, path: Path) -> None:
+        """Move aside then delete, so a half-deleted dir is never at a checkpoint's name."""
+        trash = self.root / ".tmp" / f"trash.{secrets.token_hex(6)}"
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:
+            return
+        if trash.is_symlink() or not trash.is_dir():
+            trash.unlink()
+        else:
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def remove(self, cid: str) -> bool:
+        with self.lock(cid) as held:
+            if not held:
+                raise CheckpointError(f"{cid}: checkpoint is in use (restore or dump running); try again")
+            existed = self.path(cid).exists() or self.path(cid).is_symlink()
+            self._discard(self.path(cid))
+            (self.seal_dir / f"{cid}.json").unlink(missing_ok=True)
+            (self.root / ".quarantine" / f"{cid}.json").unlink(missing_ok=True)
+            return existed
+
+    # -- seal -----------------------------------------------------------------
+    def _stat_record(self, path: Path) -> dict[str, list[int]]:
+        out = {}
+        for entry in path.iterdir():
+            st = entry.lstat()
+            out[entry.name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        return out
+
+    def seal(self, cid: str, path: Path, metadata: dict[str, Any]) -> None:
+        """Record what the files looked like right after a full hash check.
+
+        ctime cannot be set from user space, so any later write to a file is seen
+        by a stat at restore time without rereading GiBs of images.
+        """
+        self.seal_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_json_atomic(self.seal_dir / f"{cid}.json", {
+            "id": cid, "path": str(path), "sealed_at": time.time(),
+            "metadata_sha256": sha256_file(path / METADATA), "files": self._stat_record(path)})
+
+    def _seal_matches(self, cid: str, path: Path) -> str | None:
+        """None when the seal holds; else why not."""
+        try:
+            seal = json.loads((self.seal_dir / f"{cid}.json").read_text())
+        except FileNotFoundError:
+            return "no seal on this node"
+        except (OSError, ValueError) as e:
+            return f"unreadable seal ({e})"
+        if seal.get("path") != str(path):
+            return "seal is for another path"
+        now = self._stat_record(path)
+        if now != seal.get("files"):
+            changed = sorted(set(now) ^ set(seal.get("files") or {}) |
+                             {k for k in now if now.get(k) != (seal.get("files") or {}).get(k)})
+            return f"files changed since sealed: {', '.join(changed[:5])}"
+        return None
+
+    # -- verify ---------------------------------------------------------------
+    def open_verified(self, cid: str, full: bool = False) -> Checkpoint:
+        """Everything we check before a checkpoint may touch a rootfs or CRIU."""
+        path = self.path(cid)
+        _check_owned_dir(self.root, "store root")
+        _check_owned_dir(path, f"checkpoint {cid}")
+        marker = _read_control(path / MARKER, 64 * 1024)
+        try:
+            body = json.loads(marker) if marker.strip() else {}
+        except ValueError:
+            raise CheckpointError(f"{MARKER}: not JSON") from None
+        if not isinstance(body, dict) or body.get("success") is not True:
+            raise CheckpointError(f"{MARKER}: marker does not say success: true ({str(body)[:120]})")
+        raw = _read_control(path / METADATA, MAX_METADATA)
+        why = None if full else self._seal_matches(cid, path)
+        try:
+            metadata = json.loads(raw)
+        except ValueError:
+            raise CheckpointError(f"{METADATA}: not JSON") from None
+        if not full and why is None:
+            seal = json.loads((self.seal_dir / f"{cid}.json").read_text())
+            if hashlib.sha256(raw).hexdigest() != seal.get("metadata_sha256"):
+                why = "metadata.json differs from the sealed one"
+        if full or why is not None:
+            from .metadata import validate  # noqa: PLC0415
+            try:
+                validate(metadata)
+            except ValueError as e:
+                raise CheckpointError(f"{METADATA}: {e}") from None
+            if hashlib.sha256(raw).hexdigest() != body.get("metadata_sha256"):
+                raise CheckpointError(f"{METADATA}: SHA-256 differs from the one recorded in {MARKER} (tampered?)")
+            if metadata["id"] != cid:
+                raise CheckpointError(f"{METADATA}: id {metadata['id']!r} does not match directory {cid!r}")
+            self._check_entries(path, metadata)
+            for name, want in metadata["manifest"].items():
+                got = sha256_file(path / name)
+                if got != want["sha256"]:
+                    raise CheckpointError(f"{name}: SHA-256 mismatch (manifest {want['sha256'][:12]}…, file {got[:12]}…)")
+            self.seal(cid, path, metadata)
+            return Checkpoint(cid, path, metadata, "hash")
+        return Checkpoint(cid, path, metadata, "seal")
+
+    def _check_entries(self, path: Path, metadata: dict[str, Any]) -> None:
+        manifest = metadata["manifest"]
+        present = {e.name for e in path.iterdir()}
+        extra = present - set(manifest) - CONTROL_FILES
+        if extra:
+            raise CheckpointError(f"{sorted(extra)[0]}: file not in the manifest")
+        for name, want in manifest.items():
+            if "/" in name or name.startswith(".") or name in CONTROL_FILES:
+                raise CheckpointError(f"{name}: manifest entry is not a plain file name")
+            try:
+                st = (path / name).lstat()
+            except FileNotFoundError:
+                raise CheckpointError(f"{name}: listed in the manifest but missing") from None
+            _check_owned_file(path / name, st)
+            if st.st_size != want["size"]:
+                raise CheckpointError(f"{name}: size {st.st_size} differs from manifest {want['size']}")
+
+    # -- quarantine -----------------------------------------------------------
+    def _qpath(self, cid: str) -> Path:
+        return self.root / ".quarantine" / f"{validate_id(cid)}.json"
+
+    def quarantine_state(self, cid: str) -> dict[str, Any]:
+        try:
+            return json.loads(self._qpath(cid).read_text())
+        except (OSError, ValueError):
+            return {"failures": 0, "quarantined": False}
+
+    def record_restore(self, cid: str, ok: bool, reason: str | None = None) -> dict[str, Any]:
+        self.ensure()
+        if ok:
+            self._qpath(cid).unlink(missing_ok=True)
+            return {"failures": 0, "quarantined": False}
+        q = self.quarantine_state(cid)
+        q["failures"] = int(q.get("failures", 0)) + 1
+        q["last_error"] = reason
+        q["last_failure"] = time.time()
+        q["quarantined"] = q["failures"] >= self.settings.max_restore_failures
+        write_json_atomic(self._qpath(cid), q)
+        return q
+
+    def clear_quarantine(self, cid: str) -> None:
+        self._qpath(cid).unlink(missing_ok=True)
+
+    # -- gc -------------------------------------------------------------------
+    def gc(self, max_tmp_age_s: float = 0) -> list[str]:
+        """Reap abandoned temp dirs and incomplete checkpoints whose lock is free."""
+        removed = []
+        tmpdir = self.root / ".tmp"
+        if tmpdir.is_dir():
+            for entry in tmpdir.iterdir():
+                cid = entry.name.split(".", 1)[0]
+                if entry.name.startswith("trash."):
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(str(entry))
+                    continue
+                try:
+                    if time.time() - entry.lstat().st_mtime < max_tmp_age_s:
+                        continue
+                    with self.lock(cid) as held:
+                        if held:
+                            shutil.rmtree(entry, ignore_errors=True)
+                            removed.append(str(entry))
+                except (ValueError, OSError):
+                    continue
+        for cid in self.ids():
+            p = self.root / cid
+            if not (p / MARKER).is_file():
+                try:
+                    with self.lock(cid) as held:
+                        if held and not (p / MARKER).is_file():
+                            self._discard(p)
+                            removed.append(str(p))
+                except ValueError:
+                    continue
+        return removed
+
+
+def marker_body(cid: str, path: Path, success: bool, error: str | None) -> dict[str, Any]:
+    """The seed's signal/marker JSON; readers trust only success: true."""
+    return {"checkpoint_id": cid, "checkpoint_path": str(path), "timestamp": time.time(),
+            "success": success, "error": error}
+
+
+def _check_owned_dir(path: Path, what: str) -> None:
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        raise CheckpointError(f"{what}: {path} does not exist") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise CheckpointError(f"{what}: {path} is a symlink; refusing to follow it")
+    if not stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(f"{what}: {path} is not a directory")
+    if st.st_uid != 0 and os.geteuid() == 0:
+        raise CheckpointError(f"{what}: {path} is owned by uid {st.st_uid}, not root")
+    if st.st_mode & 0o022:
+        raise CheckpointError(f"{what}: {path} is writable by group/others (mode {oct(st.st_mode & 0o777)}); chmod 0700")
+
+
+def _check_owned_file(path: Path, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path.name}: not a regular file (symlink or special file)")
+    if st.st_uid != 0 and os.geteuid() == 0:
+        raise CheckpointError(f"{path.name}: owned by uid {st.st_uid}, not root")
+    if st.st_mode & 0o022:
+        raise CheckpointError(f"{path.name}: writable by group/others (mode {oct(st.st_mode & 0o777)})")
+
+
+def _read_control(path: Path, limit: int) -> bytes:
+    """Read a small control file without following a symlink or blocking on a FIFO."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.name}: missing (checkpoint incomplete)") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CheckpointError(f"{path.name}: is a symlink; refusing it") from None
+        raise CheckpointError(f"{path.name}: cannot open ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        _check_owned_file(path, st)
+        if st.st_size > limit:
+            raise CheckpointError(f"{path.name}: {st.st_size} bytes exceeds the {limit}-byte limit")
+        return os.read(fd, limit + 1)
+    finally:
+        os.close(fd)
