@@ -81,7 +81,7 @@ def policy_from_spec(spec: dict[str, Any]) -> Policy | None:
     if IDENTITY in ours:
         try:
             identity = ident.normalize_identity(json.loads(ours[IDENTITY]))
-        except ValueError as e:  # JSONDecodeError and IdentityError
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, IdentityError, absurd nesting
             raise AnnotationError(f"{IDENTITY}: {e}") from None
     if ID in ours:
         cid = validate_id(ours[ID])

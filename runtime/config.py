@@ -35,7 +35,7 @@ class Settings:
 
     @property
     def config_source(self) -> str:
-        return os.environ.get("WARMSTART_CONFIG", str(DEFAULT_CONFIG))
+        return os.environ.get("WARMSTART_CONFIG") or str(DEFAULT_CONFIG)
 
 
 _PATH_KEYS = {"store", "seal_dir", "state_dir", "log_dir", "runc", "criu"}
@@ -44,7 +44,7 @@ _INT_KEYS = {"max_restore_failures", "dump_timeout_s"}
 
 def load(path: Path | None = None) -> Settings:
     """Read the config file (missing file = defaults) and apply env overrides."""
-    path = path or Path(os.environ.get("WARMSTART_CONFIG", DEFAULT_CONFIG))
+    path = path or Path(os.environ.get("WARMSTART_CONFIG") or DEFAULT_CONFIG)
     values: dict[str, object] = {}
     try:
         raw = tomllib.loads(path.read_text())

@@ -5,7 +5,7 @@ This file runs on *every* container operation of the node, so it imports only
 `os` and `sys` and decides with one file read (create) or one stat (start, kill,
 delete) whether the call concerns an opted-in container.  Everything else is
 `execv(runc, same argv)`: same flags, same exit code, same stdio.  install.sh
-copies this file to /usr/local/bin/warmstart-runtime with a `python3 -I -S`
+copies this file to /usr/local/bin/warmstart-runtime with a `python3 -IS`
 shebang; the heavy path adds the venv's site-packages itself.
 """
 import os
@@ -32,8 +32,11 @@ def fast_settings():
             break  # only top-level keys matter here
         key, sep, val = line.partition("=")
         key, val = key.strip(), val.strip()
-        if sep and key in out and len(val) >= 2 and val[0] == val[-1] and val[0] in "\"'":
-            out[key] = val[1:-1]
+        if sep and key in out and val[:1] in ("'", '"'):
+            end = val.find(val[0], 1)
+            tail = val[end + 1:].strip() if end > 0 else "x"
+            if not tail or tail.startswith("#"):  # a quoted value, then nothing or a comment
+                out[key] = val[1:end]
     return out
 
 

@@ -203,8 +203,15 @@ def read_members(tar_path: Path) -> list[tarfile.TarInfo]:
         raise RootfsError(f"rootfs-diff.tar: unreadable ({e})") from None
     if len(members) > MAX_ENTRIES:
         raise RootfsError(f"rootfs-diff.tar: {len(members)} entries exceeds {MAX_ENTRIES}")
+    non_dirs: set[str] = set()
     for m in members:
         m.name = _check_rel(m.name, "rootfs-diff.tar entry")
+        parent = PurePosixPath(m.name).parent
+        for anc in (parent, *parent.parents):
+            if str(anc) in non_dirs:
+                raise RootfsError(f"rootfs-diff.tar entry {m.name!r}: goes through the non-directory entry {str(anc)!r}")
+        if not m.isdir():
+            non_dirs.add(m.name)
         if m.issym():
             target = m.linkname
             if "\x00" in target or not target:
@@ -224,18 +231,20 @@ def read_members(tar_path: Path) -> list[tarfile.TarInfo]:
 
 # -- apply with undo ----------------------------------------------------------
 
-def _open_parent(root_fd: int, rel: str, create: bool) -> tuple[int, str]:
-    """An fd of rel's parent dir, reached without following any symlink."""
+def _open_parent(root_fd: int, rel: str, create: bool, journal: "Journal | None" = None) -> tuple[int, str]:
+    """An fd of rel's parent dir, reached without following any symlink (dirs it makes are journaled)."""
     parts = rel.split("/")
     fd = os.dup(root_fd)
     try:
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             try:
                 nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             except FileNotFoundError:
                 if not create:
                     raise
                 os.mkdir(part, 0o755, dir_fd=fd)
+                if journal is not None:
+                    journal.created.append("/".join(parts[: i + 1]))
                 nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             except OSError as e:
                 raise RootfsError(f"{rel}: parent {part!r} is not a plain directory ({e.strerror})") from None
@@ -253,6 +262,7 @@ class Journal:
     backup: Path
     created: list[str] = field(default_factory=list)
     saved: list[str] = field(default_factory=list)
+    dir_meta: dict[str, tuple[int, int, int, int, int]] = field(default_factory=dict)  # mode, uid, gid, atime, mtime
 
 
 def _remove_at(dfd: int, name: str) -> None:
@@ -276,6 +286,8 @@ def _save(rootfs: Path, rel: str, journal: Journal) -> bool:
         st = src.lstat()
     except FileNotFoundError:
         return False
+    if any(rel == c or rel.startswith(c + "/") for c in journal.created):
+        return False  # we made it: undo removes it, nothing of the user's to back up
     if rel in journal.saved or any(rel.startswith(s + "/") for s in journal.saved):
         return True
     dst = journal.backup / rel
@@ -307,20 +319,27 @@ def apply(rootfs: Path, tar_path: Path, deleted_path: Path, journal: Journal) ->
                 os.close(dfd)
         with tarfile.open(tar_path, "r:") if tar_path.exists() else _empty() as tar:
             for m in members:
-                dfd, name = _open_parent(root_fd, m.name, create=True)
+                dfd, name = _open_parent(root_fd, m.name, create=True, journal=journal)
                 try:
-                    existed = _save(rootfs, m.name, journal) if not m.isdir() else (rootfs / m.name).exists()
-                    if not existed:
-                        journal.created.append(m.name)
                     if m.isdir():
                         try:
                             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                            if not stat.S_ISDIR(st.st_mode):
-                                _remove_at(dfd, name)
-                                os.mkdir(name, m.mode & 0o7777, dir_fd=dfd)
                         except FileNotFoundError:
-                            os.mkdir(name, m.mode & 0o7777, dir_fd=dfd)
+                            st = None
+                        if st is not None and stat.S_ISDIR(st.st_mode):
+                            journal.dir_meta.setdefault(m.name, (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                                                                 st.st_atime_ns, st.st_mtime_ns))
+                        else:
+                            if st is not None:
+                                _save(rootfs, m.name, journal)
+                                _remove_at(dfd, name)
+                            else:
+                                journal.created.append(m.name)
+                            os.mkdir(name, 0o700, dir_fd=dfd)
+                        os.chmod(name, m.mode & 0o7777, dir_fd=dfd)  # mkdir's mode is cut by the umask
                     else:
+                        if not _save(rootfs, m.name, journal) and m.name not in journal.created:
+                            journal.created.append(m.name)
                         try:
                             _remove_at(dfd, name)
                         except FileNotFoundError:
@@ -382,6 +401,19 @@ def undo(rootfs: Path, journal: Journal) -> None:
                 shutil.copytree(src, dst, symlinks=True)
             else:
                 shutil.copy2(src, dst, follow_symlinks=False)
+        for rel, (mode, uid, gid, atime, mtime) in journal.dir_meta.items():
+            try:
+                dfd, name = _open_parent(root_fd, rel, create=False)
+            except (FileNotFoundError, NotADirectoryError, RootfsError):
+                continue
+            try:
+                os.chmod(name, mode, dir_fd=dfd)
+                os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
+                os.utime(name, ns=(atime, mtime), dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(dfd)
     finally:
         os.close(root_fd)
     shutil.rmtree(journal.backup, ignore_errors=True)

@@ -317,7 +317,7 @@ class Store:
         tmpdir = self.root / ".tmp"
         if tmpdir.is_dir():
             for entry in tmpdir.iterdir():
-                cid = entry.name.split(".", 1)[0]
+                cid = entry.name.rsplit(".", 1)[0]  # ids may contain dots; the suffix is ours
                 if entry.name.startswith("trash."):
                     shutil.rmtree(entry, ignore_errors=True)
                     removed.append(str(entry))

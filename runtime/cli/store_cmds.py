@@ -33,7 +33,7 @@ def run_list(args: argparse.Namespace) -> int:
     tmp = store.root / ".tmp"
     for entry in sorted(tmp.iterdir()) if tmp.is_dir() else []:
         if not entry.name.startswith("trash."):
-            rows.append({"id": entry.name.split(".", 1)[0], "status": "in-progress", "bytes": 0,
+            rows.append({"id": entry.name.rsplit(".", 1)[0], "status": "in-progress", "bytes": 0,
                          "restore_failures": 0, "last_error": None})
     if args.json:
         print(json.dumps(rows, indent=1))

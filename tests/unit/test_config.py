@@ -1,0 +1,71 @@
+"""Node settings: defaults, validation naming the key, env overrides."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from warmstart import config
+from warmstart.config import ConfigError, Settings
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "config.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_when_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("WARMSTART_CONFIG", str(tmp_path / "nope.toml"))
+    assert config.load() == Settings()
+    assert config.load(tmp_path / "also-nope.toml") == Settings()
+
+
+def test_reads_values(tmp_path, monkeypatch):
+    p = write(tmp_path, 'store = "/s"\nrunc = "/opt/runc"\nmax_restore_failures = 5\ndump_timeout_s = 60\n'
+                        'secret_env_patterns = ["*TOK*"]\n')
+    monkeypatch.setenv("WARMSTART_CONFIG", str(p))
+    s = config.load()
+    assert s.store == Path("/s") and s.runc == Path("/opt/runc")
+    assert s.max_restore_failures == 5 and s.dump_timeout_s == 60 and s.secret_env_patterns == ("*TOK*",)
+    assert s.seal_dir == Settings().seal_dir
+    assert s.config_source == str(p)
+
+
+@pytest.mark.parametrize("text, key", [
+    ('stroe = "/s"', "stroe"),
+    ('store = "relative/path"', "store"),
+    ('state_dir = 5', "state_dir"),
+    ('runc = ""', "runc"),
+    ('max_restore_failures = 0', "max_restore_failures"),
+    ('max_restore_failures = true', "max_restore_failures"),
+    ('dump_timeout_s = "600"', "dump_timeout_s"),
+    ('dump_timeout_s = 1.5', "dump_timeout_s"),
+    ('secret_env_patterns = "*KEY*"', "secret_env_patterns"),
+    ('secret_env_patterns = [1]', "secret_env_patterns"),
+    ('[store]\npath = "/x"', "store"),
+])
+def test_bad_values_name_key(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=key):
+        config.load(write(tmp_path, text))
+
+
+def test_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="cannot parse"):
+        config.load(write(tmp_path, "store = \n"))
+
+
+def test_directory_as_config(tmp_path):
+    with pytest.raises(ConfigError):
+        config.load(tmp_path)
+
+
+def test_warmstart_store_env(tmp_path, monkeypatch):
+    p = write(tmp_path, 'store = "/from/file"\n')
+    monkeypatch.setenv("WARMSTART_STORE", "/from/env")
+    assert config.load(p).store == Path("/from/env")
+    monkeypatch.setenv("WARMSTART_STORE", "relative")
+    with pytest.raises(ConfigError, match="WARMSTART_STORE"):
+        config.load(p)
+    monkeypatch.setenv("WARMSTART_STORE", "")
+    assert config.load(p).store == Path("/from/file")

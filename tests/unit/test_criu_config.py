@@ -1,0 +1,99 @@
+"""CRIU config rendering, restore options, version parsing; and the runc argv shapes we build."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from warmstart import criu, runc
+
+
+def test_render_one_option_per_line(tmp_path):
+    c = criu.CriuConfig(["tcp-close", "timeout 30"])
+    assert c.render() == "tcp-close\ntimeout 30\n"
+    c.write(tmp_path / "sub" / "criu.conf")
+    assert (tmp_path / "sub" / "criu.conf").read_text() == "tcp-close\ntimeout 30\n"
+    assert (tmp_path / "sub" / "criu.conf").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("opt", ["tcp-close\nshell-job", "--tcp-close", "-v4", "ok\n"])
+def test_render_rejects_injection(opt):
+    with pytest.raises(ValueError, match="CRIU option"):
+        criu.CriuConfig(["timeout 1", opt]).render()
+
+
+def test_dump_config():
+    text = criu.dump_config(600).render()
+    assert "timeout 600\n" in text and "link-remap\n" in text
+
+
+def test_restore_config_cgroup_root():
+    text = criu.restore_config("/kubepods/pod1/c2", {"/run/nvidia-ctk-hook-a": "/run/nvidia-ctk-hook-b"}).render()
+    lines = text.splitlines()
+    assert "cgroup-root :/kubepods/pod1/c2" in lines
+    assert "ext-mount-map /run/nvidia-ctk-hook-a:/run/nvidia-ctk-hook-b" in lines
+    assert "tcp-close" in lines
+    assert not any(ln.startswith("cgroup-root") for ln in criu.restore_config(None).render().splitlines())
+
+
+def test_restore_config_rejects_newline_in_cgroup():
+    with pytest.raises(ValueError):
+        criu.restore_config("/a\nshell-job").render()
+
+
+@pytest.mark.parametrize("s, want", [("4.1", (4, 1)), ("4.1.1", (4, 1, 1)), (" 3.19\n", (3, 19)),
+                                     ("4", None), ("4.1-rc1", None), ("", None), ("v4.1", None), ("4.1.1.1", None)])
+def test_parse_version(s, want):
+    assert criu.parse_version(s) == want
+
+
+def test_version_str():
+    assert criu.version_str((4, 1)) == "4.1" and criu.version_str(None) == "unknown"
+
+
+def test_version_of_fake_binary(tmp_path):
+    fake = tmp_path / "criu"
+    fake.write_text("#!/bin/sh\necho 'Version: 4.1.1'\necho 'GitID: v4.1.1'\n")
+    fake.chmod(0o755)
+    assert criu.version(fake) == (4, 1, 1)
+    assert criu.version(tmp_path / "missing") is None
+
+
+# -- runc argv shapes --------------------------------------------------------------------
+
+def test_global_opts_parse_all_forms():
+    argv = ["--root", "/r", "--log=/l.json", "-log-format", "json", "--criu", "/c", "--systemd-cgroup", "--debug"]
+    g = runc.GlobalOpts.parse(argv)
+    assert (g.root, g.log, g.log_format, g.criu, g.systemd_cgroup) == ("/r", "/l.json", "json", "/c", True)
+    assert g.argv == argv
+    assert g.with_criu(Path("/ours")) == argv  # the caller's --criu wins
+    g2 = runc.GlobalOpts.parse(["--root=/r"])
+    assert g2.with_criu(Path("/ours")) == ["--root=/r", "--criu", "/ours"]
+
+
+def test_create_args_parse():
+    c = runc.CreateArgs.parse(["--bundle", "/b", "--pid-file=/p", "--console-socket", "/s", "--no-pivot",
+                               "--no-new-keyring", "--preserve-fds", "2", "c1"])
+    assert (c.id, c.bundle, c.pid_file, c.console_socket, c.no_pivot, c.no_new_keyring, c.preserve_fds) == \
+        ("c1", Path("/b"), "/p", "/s", True, True, "2")
+    assert runc.CreateArgs.parse(["-b=/x", "c"]).bundle == Path("/x")
+    with pytest.raises(ValueError, match="one container id"):
+        runc.CreateArgs.parse(["--bundle", "/b"])
+    with pytest.raises(ValueError):
+        runc.CreateArgs.parse(["a", "b"])
+
+
+def test_restore_argv_drops_create_only_flags():
+    g = runc.GlobalOpts.parse(["--root", "/r"])
+    c = runc.CreateArgs.parse(["--bundle", "/b", "--pid-file", "/p", "--no-new-keyring", "--preserve-fds", "1", "c1"])
+    argv = runc.restore_argv(g, Path("/criu"), c, Path("/img"), Path("/work"))
+    assert argv[:4] == ["--root", "/r", "--criu", "/criu"]
+    assert argv[4:6] == ["restore", "--detach"] and argv[-1] == "c1"
+    assert "--no-new-keyring" not in argv and "--preserve-fds" not in argv
+    assert argv[argv.index("--pid-file") + 1] == "/p" and argv[argv.index("--image-path") + 1] == "/img"
+
+
+def test_checkpoint_argv():
+    g = runc.GlobalOpts.parse([])
+    argv = runc.checkpoint_argv(g, Path("/criu"), "c1", Path("/img"), Path("/w"), leave_running=True)
+    assert argv[-1] == "c1" and "--leave-running" in argv and "--tcp-established" in argv
