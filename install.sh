@@ -26,10 +26,14 @@ CRIU_MIN=4.1
 CRIU_TARBALL="criu_${CRIU_VERSION}.orig.tar.xz"
 CRIU_SHA256=f80a66cb3726bb2116266d4759ce3bcbfab7abdb6b6d430bf20dd41911717afe
 CRIU_SRC="$CACHE/criu-$CRIU_VERSION"
+# Linux >= 6.16 refuses getsockopt(SO_PASSCRED/SO_PASSSEC) on inet sockets; CRIU 4.1.1
+# then fails to dump any process with a TCP socket (criu#2705, fixed upstream after 4.1.1).
+CRIU_PATCH="$REPO_DIR/packaging/criu-4.1.1-so-passcred.patch"
+CRIU_FIXED=4.2
 
 PACKAGES=(runc containerd skopeo umoci busybox-static containernetworking-plugins iproute2
   iptables debootstrap python3 python3-venv python3-dev build-essential pkg-config
-  xz-utils ca-certificates procps util-linux
+  xz-utils ca-certificates procps util-linux patch
   libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler python3-protobuf
   libnl-3-dev libcap-dev libnet1-dev libbsd-dev libnftables-dev libgnutls28-dev uuid-dev)
 STEPS=(packages criu python runtime config containerd kubernetes doctor)
@@ -110,11 +114,20 @@ criu_version() { "$1" --version 2>/dev/null | sed -n 's/^Version: *//p' | head -
 version_ge() { dpkg --compare-versions "$1" ge "$2"; }
 
 # criu_usable PATH: executable, version >= CRIU_MIN and 'criu check' passes.
+# Stamp beside a CRIU we built: the hash of the patch it was built with.
+criu_patch_id() { sha256_of "$CRIU_PATCH"; }
+
 criu_usable() {
-  local bin="$1" v
+  local bin="$1" v kernel
   [ -x "$bin" ] || return 1
   v="$(criu_version "$bin")"
   [ -n "$v" ] && version_ge "$v" "$CRIU_MIN" || return 1
+  kernel="$(uname -r | cut -d- -f1)"
+  if version_ge "$kernel" 6.16 && ! version_ge "$v" "$CRIU_FIXED" \
+     && [ "$(cat "$bin.warmstart-patch" 2>/dev/null)" != "$(criu_patch_id)" ]; then
+    log "$bin ($v) lacks the SO_PASSCRED fix that kernel $kernel needs; building a patched $CRIU_VERSION"
+    return 1
+  fi
   "$bin" check >/dev/null 2>&1
 }
 
@@ -194,13 +207,14 @@ fetch_criu_tarball() {
 # Extract and build CRIU (binary + pycriu's generated modules) in $CRIU_SRC.
 build_criu_source() {
   if [ -x "$CRIU_SRC/criu/criu" ] && [ -f "$CRIU_SRC/lib/pycriu/images/core_pb2.py" ] \
-     && [ -f "$CRIU_SRC/.warmstart-built" ]; then
+     && [ "$(cat "$CRIU_SRC/.warmstart-built" 2>/dev/null)" = "$(criu_patch_id)" ]; then
     return 0
   fi
   fetch_criu_tarball
   rm -rf "$CRIU_SRC" "$CRIU_SRC.tmp"
   mkdir -p "$CRIU_SRC.tmp"
   tar -xJf "$CACHE/$CRIU_TARBALL" -C "$CRIU_SRC.tmp" --strip-components=1
+  patch -d "$CRIU_SRC.tmp" -p1 --forward --quiet <"$CRIU_PATCH" || die "applying $CRIU_PATCH failed"
   mv "$CRIU_SRC.tmp" "$CRIU_SRC"
   log "building CRIU $CRIU_VERSION in $CRIU_SRC (make -j$(nproc) criu; make lib)"
   local t=$SECONDS
@@ -209,7 +223,7 @@ build_criu_source() {
     tail -n 30 "$CRIU_SRC/build.log" >&2
     die "CRIU build failed; full log: $CRIU_SRC/build.log"
   fi
-  touch "$CRIU_SRC/.warmstart-built"
+  criu_patch_id >"$CRIU_SRC/.warmstart-built"
   log "built CRIU in $((SECONDS - t)) s"
 }
 
@@ -275,6 +289,7 @@ step_criu() {
   mkdir -p "$(dirname "$target")"
   install -m 0755 "$CRIU_SRC/criu/criu" "$target.tmp.$$"
   mv -f "$target.tmp.$$" "$target"
+  criu_patch_id >"$target.warmstart-patch"
   if ! "$target" check >"$CACHE/criu-check.log" 2>&1; then
     cat "$CACHE/criu-check.log" >&2
     die "'$target check' fails on this kernel: CRIU cannot checkpoint here"
