@@ -73,7 +73,7 @@ def join_namespaces(spec: dict[str, Any]) -> list[str]:
     """Namespaces the new container joins by path (a CRI pod's UTS and IPC) for CRIU's join-ns.
 
     runc 1.1 hands CRIU only net and pid as external; without this the restored
-    container gets the *old* pod's hostname and IPC state.
+    container would sit in private copies of the *old* pod's UTS and IPC namespaces.
     """
     out = []
     for ns in (spec.get("linux") or {}).get("namespaces") or []:
@@ -111,6 +111,7 @@ def restore(settings: Settings, g: runc.GlobalOpts, c: runc.CreateArgs, spec: di
                 conf = criu.restore_config(cg)
                 conf.options += join_namespaces(spec)
                 conf.write(sd.criu_conf)
+                hostname = expected_hostname(spec)
             with ph("rootfs"):
                 applied = True
                 rootfs.apply(rootfs_dir, ckpt.path / ROOTFS_DIFF, ckpt.path / DELETED, journal)
@@ -124,7 +125,7 @@ def restore(settings: Settings, g: runc.GlobalOpts, c: runc.CreateArgs, spec: di
                 raise RestoreFailed(f"runc restore failed (exit {p.returncode}): {_reason(g.log, work)}")
             pid = _read_pid(c.pid_file)
             with ph("hostname"):
-                _fix_hostname(pid, spec)
+                _fix_hostname(pid, hostname)
             ph.timings.update({f"criu_{k}": v for k, v in criu.restore_stats(work).items() if k.endswith("_time")})
             store.record_restore(cid, True)
             _keep_logs(settings, c.id, work)
@@ -140,29 +141,61 @@ def restore(settings: Settings, g: runc.GlobalOpts, c: runc.CreateArgs, spec: di
             return RestoreResult(False, f"restore from {cid} failed{extra}: {e}", ph.timings)
 
 
-def _fix_hostname(pid: int | None, spec: dict[str, Any]) -> None:
-    """A container with its own UTS namespace comes back with the dumped hostname: set the new one."""
-    want = spec.get("hostname")
-    own_uts = any(ns.get("type") == "uts" and not ns.get("path")
-                  for ns in (spec.get("linux") or {}).get("namespaces") or [])
-    if not want or not pid or not own_uts:
-        return
+def _uts_path(spec: dict[str, Any]) -> str | None:
+    for ns in (spec.get("linux") or {}).get("namespaces") or []:
+        if ns.get("type") == "uts":
+            return ns.get("path") or None
+    return None
+
+
+def _in_uts(ns_file: str, hostname: str | None = None) -> str:
+    """Read (or set) the hostname of the UTS namespace at ns_file, from a throwaway child.
+
+    setns would move this process into the namespace, so a forked child does it.
+    """
+    r, w = os.pipe()
     child = os.fork()
-    if child == 0:  # setns affects the calling process only: do it in a throwaway child
+    if child == 0:
         code = 1
         try:
+            os.close(r)
             import ctypes
             import socket
             libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/proc/{pid}/ns/uts", os.O_RDONLY)
+            fd = os.open(ns_file, os.O_RDONLY)
             if libc.setns(fd, 0x04000000) == 0:  # CLONE_NEWUTS
-                socket.sethostname(want)
+                if hostname is not None:
+                    socket.sethostname(hostname)
+                os.write(w, socket.gethostname().encode())
                 code = 0
         finally:
             os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode(errors="replace")
     _, status = os.waitpid(child, 0)
     if os.waitstatus_to_exitcode(status) != 0:
-        raise RestoreFailed(f"could not set hostname {want!r} in the restored container")
+        raise RestoreFailed(f"could not {'set' if hostname else 'read'} the hostname in {ns_file}")
+    return out
+
+
+def expected_hostname(spec: dict[str, Any]) -> str | None:
+    """The hostname the new container must have: its pod's (read before CRIU touches it) or the spec's."""
+    path = _uts_path(spec)
+    if path:
+        return _in_uts(path)
+    return spec.get("hostname") or None
+
+
+def _fix_hostname(pid: int | None, want: str | None) -> None:
+    """Give the restored container the new hostname back.
+
+    CRIU restores the dumped UTS namespace's hostname: into a fresh namespace
+    (container with its own UTS), or *into the pod's* when it joined it with
+    join-ns (CRI), which would rename the whole new pod after the old one.
+    """
+    if want and pid:
+        _in_uts(f"/proc/{pid}/ns/uts", want)
 
 
 class RestoreFailed(Exception):
