@@ -17,9 +17,11 @@ from typing import Any
 CONFIG_ANNOTATION = "org.criu.config"
 MIN_VERSION = (4, 1)
 
-# Dump: established TCP connections are dumped (runc --tcp-established) and
-# open-but-deleted files are link-remapped rather than failing the dump.
-DUMP_OPTIONS = ["link-remap", "ghost-limit 64M"]
+# Dump: established TCP connections are dumped (runc --tcp-established),
+# connections still in a listener's accept queue are skipped rather than
+# failing the dump (a serving worker always has some; its clients retry), and
+# open-but-deleted files are link-remapped.
+DUMP_OPTIONS = ["link-remap", "ghost-limit 64M", "skip-in-flight"]  # CRIU spells it --skip-in-flight
 # Restore: connections from the old pod cannot come back in a new network
 # namespace with a new IP; restore them closed so the worker sees a reset.
 RESTORE_OPTIONS = ["tcp-close"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import criu, rootfs, runc, versions
+from . import annotations, criu, cuda, gpu, hooks_exec, rootfs, runc, versions
 from .config import Settings
 from .log import Logger
 from .phases import Phases
@@ -31,6 +31,7 @@ class DumpResult:
     path: Path | None = None
     phases: dict[str, float] | None = None
     stopped: bool = False  # CRIU stopped the container (the dump got past `runc checkpoint`)
+    skipped: bool = False  # not attempted (a checkpoint exists, or another dump holds the id)
 
 
 def redact_env(env: list[str], patterns: tuple[str, ...]) -> list[str]:
@@ -84,14 +85,23 @@ def dump(settings: Settings, g: runc.GlobalOpts, st: ContainerState, sd: StateDi
     ph = Phases()
     with store.lock(cid) as held:
         if not held:
-            return DumpResult(False, f"another dump of checkpoint {cid} is in progress; skipping this one")
+            return DumpResult(False, f"another dump of checkpoint {cid} is in progress; skipping this one",
+                              skipped=True)
         if store.exists(cid):
-            return DumpResult(False, f"checkpoint {cid} already exists; not dumping again")
+            return DumpResult(False, f"checkpoint {cid} already exists; not dumping again", skipped=True)
         tmp = store.new_tmp(cid)
         stopped = False
+        drv, cuda_s = None, None  # CUDA processes moved out of the GPU (undone unless the dump stopped them)
         work = sd.work / f"dump-{int(time.time() * 1000)}"
         try:
             spec = json.loads((Path(st.bundle) / "config.json").read_text())
+            hooks = annotations.worker_hooks(spec.get("annotations") or {})
+            if hooks.pre_dump is not None:  # e.g. vLLM sleep: a failure means no checkpoint, a plain stop
+                with ph("pre_dump_hook"):
+                    hooks_exec.run(hooks.pre_dump, settings.runc, g, st.container_id, spec, hooks.timeout_s)
+            if cuda.wanted(spec):
+                with ph("cuda_checkpoint"):
+                    drv, cuda_s = cuda.checkpoint_container(settings.runc, g, st.container_id, spec)
             with ph("criu_config"):
                 criu.dump_config(settings.dump_timeout_s).write(sd.criu_conf)
                 work.mkdir(mode=0o700, parents=True)
@@ -102,8 +112,10 @@ def dump(settings: Settings, g: runc.GlobalOpts, st: ContainerState, sd: StateDi
             if (work / "dump.log").exists():
                 shutil.copyfile(work / "dump.log", tmp / DUMP_LOG)
             if p.returncode != 0:
+                kept = _keep_log(settings, st.container_id, work / "dump.log")
                 return DumpResult(False, f"runc checkpoint failed (exit {p.returncode}): "
-                                         f"{_last_error(p.stderr, work / 'dump.log')}")
+                                         f"{_last_error(p.stderr, work / 'dump.log')}"
+                                         + (f" (CRIU log: {kept})" if kept else ""))
             stopped = not leave_running
             rootfs_dir = Path(st.rootfs)
             kind = "overlay" if rootfs.overlay_upperdir(rootfs_dir) is not None else "dir"
@@ -112,6 +124,11 @@ def dump(settings: Settings, g: runc.GlobalOpts, st: ContainerState, sd: StateDi
             with ph("metadata"):
                 stats = criu.dump_stats(work)
                 meta = build_metadata(settings, st, spec, {}, stats, diff, kind)
+                if cuda_s is not None:
+                    meta["dump"]["cuda"] = cuda_s.metadata()
+                    gpus = gpu.for_container(gpu.node_inventory(), spec)
+                    if gpus:
+                        meta["gpu"] = gpus
             with ph("publish"):
                 meta["dump"]["phases"] = dict(ph.timings)
                 final = store.publish(cid, tmp, meta)
@@ -120,17 +137,34 @@ def dump(settings: Settings, g: runc.GlobalOpts, st: ContainerState, sd: StateDi
             return DumpResult(False, f"dump failed after phase {list(ph.timings)[-1:] or ['start']}: "
                                      f"{type(e).__name__}: {e}", stopped=stopped)
         finally:
+            if cuda_s is not None and cuda_s.locked and not stopped:
+                errs = cuda.undo(drv, cuda_s)  # the container keeps running: give its processes the GPU back
+                if errs:
+                    log.error("could not give the GPU back to the container after the dump", errors=errs)
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(work, ignore_errors=True)
 
 
+def _keep_log(settings: Settings, container_id: str, log_file: Path) -> Path | None:
+    """A failed dump's CRIU log outlives the work dir, under log_dir."""
+    try:
+        settings.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        dst = settings.log_dir / f"dump-{container_id}.log"
+        shutil.copyfile(log_file, dst)
+        dst.chmod(0o600)
+        return dst
+    except OSError:
+        return None
+
+
 def _last_error(stderr: str, criu_log: Path) -> str:
-    """The most telling line: CRIU's first Error line, else runc's stderr tail."""
+    """The most telling lines: CRIU's first Error line, else runc's own error lines."""
     try:
         for line in criu_log.read_text(errors="replace").splitlines():
             if "Error" in line and "RLIMIT_NOFILE" not in line:
                 return line.strip()[:300]
     except OSError:
         pass
-    return (stderr or "").strip().splitlines()[-1][:300] if (stderr or "").strip() else "no error output"
+    lines = [ln.strip() for ln in (stderr or "").splitlines() if ln.strip() and not ln.startswith("log file:")]
+    return " | ".join(lines)[-400:] if lines else "no error output"

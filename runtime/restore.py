@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import criu, rootfs, runc, versions
+from . import annotations, criu, cuda, gpu, hooks_exec, lazy, mounts, rootfs, runc, versions
 from .config import Settings
 from .log import Logger
 from .phases import Phases
@@ -100,7 +100,11 @@ def restore(settings: Settings, g: runc.GlobalOpts, c: runc.CreateArgs, spec: di
             with ph("verify"):
                 ckpt = store.open_verified(cid)
             with ph("compatible"):
-                why = incompatibility(ckpt.metadata, spec, versions.node_versions(settings.runc, settings.criu))
+                why = incompatibility(ckpt.metadata, spec, versions.node_versions(settings.runc, settings.criu,
+                                                                                    cache_dir=settings.state_dir))
+                mplan = mounts.plan(ckpt.path, spec)  # mounts the new container lacks: refused here
+                here_gpu = gpu.for_container(gpu.node_inventory(), spec) if ckpt.metadata.get("gpu") else None
+                why = why or mplan.reason or gpu.incompatibility(ckpt.metadata.get("gpu"), here_gpu)
             if why:
                 return RestoreResult(False, f"checkpoint {cid} is incompatible: {why}", ph.timings)
             with ph("prepare"):
@@ -108,27 +112,42 @@ def restore(settings: Settings, g: runc.GlobalOpts, c: runc.CreateArgs, spec: di
                 work.mkdir(mode=0o700, parents=True)
                 cg = cgroup_path(spec, c.id, g.systemd_cgroup)
                 st.cgroup_path = cg
-                conf = criu.restore_config(cg)
+                conf = criu.restore_config(cg, ext_mount_maps=mplan.ext_mount_maps)
                 conf.options += join_namespaces(spec)
                 conf.write(sd.criu_conf)
                 hostname = expected_hostname(spec)
             with ph("rootfs"):
                 applied = True
                 rootfs.apply(rootfs_dir, ckpt.path / ROOTFS_DIFF, ckpt.path / DELETED, journal)
+                made = mounts.apply(rootfs_dir, mplan.mkdirs, journal)  # e.g. the old nvidia-ctk-hook path
+            for note in mplan.notes:
+                log.info(f"mounts: {note}", created=",".join(made))
             with ph("restore"):
                 # Images are read in place: CRIU writes only to the work dir (stats, logs),
                 # so the sealed checkpoint stays untouched and may sit on a read-only store.
                 argv = runc.restore_argv(g, settings.criu, c, ckpt.path, work, extra=["--no-subreaper"])
                 # stdio inherited: runc hands our fds 0-2 (the shim's pipes) to the restored process
-                p = subprocess.run([str(settings.runc)] + argv, timeout=600)
+                p, how = lazy.run_restore(settings.runc, settings.criu, argv, ckpt.path, work, spec, c.id,
+                                          g.argv, c.pid_file, log)  # eager unless warmstart.dev/restore: lazy
+            log.context["restore_mode"] = how
             if p.returncode != 0:
                 raise RestoreFailed(f"runc restore failed (exit {p.returncode}): {_reason(g.log, work)}")
             pid = _read_pid(c.pid_file)
             with ph("hostname"):
                 _fix_hostname(pid, hostname)
+            if (ckpt.metadata.get("dump") or {}).get("cuda"):
+                with ph("cuda_restore"):
+                    cs = cuda.restore_container(settings.runc, g, c.id, ckpt.metadata,
+                                                gpu.gpu_pairs(ckpt.metadata.get("gpu"), here_gpu))
+                ph.timings.update(cs.timings if cs else {})
+            hooks = annotations.worker_hooks(spec.get("annotations") or {})
+            if hooks.post_restore is not None:  # e.g. vLLM wake_up; a failure is a failed restore (cold start)
+                with ph("post_restore_hook"):
+                    hooks_exec.run(hooks.post_restore, settings.runc, g, c.id, spec, hooks.timeout_s, pid=pid)
             ph.timings.update({f"criu_{k}": v for k, v in criu.restore_stats(work).items() if k.endswith("_time")})
             store.record_restore(cid, True)
             _keep_logs(settings, c.id, work)
+            (sd.path / lazy.RESTORED_MARKER).touch()  # launch.py: `start` is then a no-op without imports
             return RestoreResult(True, f"restored from {cid} (verified by {ckpt.verified_by})", ph.timings, pid)
         except (CheckpointError, rootfs.RootfsError) as e:
             _cleanup(settings, g, c, rootfs_dir, journal if applied else None, log)

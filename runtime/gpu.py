@@ -1,0 +1,111 @@
+"""GPU inventory (NVML through ctypes, libnvidia-ml.so.1) and the GPU compatibility of a checkpoint.
+
+Recorded at dump in metadata's `gpu` object: the GPUs the container sees
+(those of its /dev/nvidia<N> devices; all when it names none), with model
+name, UUID and minor number, plus driver and CUDA versions.  At restore a
+node whose GPUs differ in model or count, or whose driver differs, is refused
+before CRIU runs; the same model on another device (another UUID) is remapped
+by cuCheckpointProcessRestore's GPU pairs (cuda.py).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+from typing import Any
+
+LIB_CANDIDATES = ("libnvidia-ml.so.1", "/usr/local/nvidia/lib64/libnvidia-ml.so.1",
+                  "/usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1", "/usr/lib64/libnvidia-ml.so.1")
+_DEV_RE = re.compile(r"^/dev/nvidia(\d+)$")
+
+
+def spec_minors(spec: dict[str, Any]) -> list[int] | None:
+    """Minor numbers of the GPUs in the container's spec (/dev/nvidia<N>), None when it names none."""
+    minors = set()
+    for d in (spec.get("linux") or {}).get("devices") or []:
+        m = _DEV_RE.match(str(d.get("path", "")))
+        if m:
+            minors.add(int(d.get("minor", m.group(1))))
+    for mnt in spec.get("mounts") or []:
+        m = _DEV_RE.match(str(mnt.get("destination", "")))
+        if m:
+            minors.add(int(m.group(1)))
+    return sorted(minors) if minors else None
+
+
+def _load_nvml() -> Any | None:
+    cands = [os.environ["WARMSTART_LIBNVML"]] if os.environ.get("WARMSTART_LIBNVML") else list(LIB_CANDIDATES)
+    for c in cands:
+        try:
+            return ctypes.CDLL(c)
+        except OSError:
+            continue
+    return None
+
+
+def node_inventory(lib: Any | None = None) -> dict[str, Any] | None:
+    """Every GPU of this node via NVML, or None when there is no NVML (no driver)."""
+    lib = lib or _load_nvml()
+    if lib is None or lib.nvmlInit_v2() != 0:
+        return None
+    try:
+        buf = ctypes.create_string_buffer(96)
+        driver = buf.value.decode() if lib.nvmlSystemGetDriverVersion(buf, 96) == 0 else ""
+        cv = ctypes.c_int(0)
+        cuda = f"{cv.value // 1000}.{cv.value % 1000 // 10}" if lib.nvmlSystemGetCudaDriverVersion_v2(
+            ctypes.byref(cv)) == 0 else ""
+        n = ctypes.c_uint(0)
+        if lib.nvmlDeviceGetCount_v2(ctypes.byref(n)) != 0:
+            return None
+        devices = []
+        for i in range(n.value):
+            h = ctypes.c_void_p()
+            if lib.nvmlDeviceGetHandleByIndex_v2(i, ctypes.byref(h)) != 0:
+                continue
+            name, uuid, minor = ctypes.create_string_buffer(96), ctypes.create_string_buffer(96), ctypes.c_uint(0)
+            lib.nvmlDeviceGetName(h, name, 96)
+            lib.nvmlDeviceGetUUID(h, uuid, 96)
+            has_minor = lib.nvmlDeviceGetMinorNumber(h, ctypes.byref(minor)) == 0
+            devices.append({"index": i, "minor": minor.value if has_minor else i,
+                            "name": name.value.decode(errors="replace"), "uuid": uuid.value.decode(errors="replace")})
+        return {"driver_version": driver, "cuda_version": cuda, "devices": devices}
+    finally:
+        lib.nvmlShutdown()
+
+
+def for_container(inventory: dict[str, Any] | None, spec: dict[str, Any]) -> dict[str, Any] | None:
+    """The metadata `gpu` object: the node inventory narrowed to the GPUs the container sees."""
+    if inventory is None:
+        return None
+    minors = spec_minors(spec)
+    devs = [d for d in inventory["devices"] if minors is None or d["minor"] in minors]
+    devs.sort(key=lambda d: d["minor"])
+    return {"driver_version": inventory["driver_version"], "cuda_version": inventory["cuda_version"],
+            "count": len(devs), "models": sorted({d["name"] for d in devs}),
+            "devices": [{"name": d["name"], "uuid": d["uuid"], "minor": d["minor"]} for d in devs]}
+
+
+def incompatibility(dumped: dict[str, Any] | None, here: dict[str, Any] | None) -> str | None:
+    """Why a checkpoint taken with GPUs `dumped` cannot be restored onto `here` (for_container of this node)."""
+    if not dumped:
+        return None
+    if here is None:
+        return (f"checkpoint holds CUDA state of {dumped.get('count')} x {', '.join(dumped.get('models') or [])}; "
+                f"this node has no NVIDIA driver (NVML) or the container sees no GPU")
+    if dumped.get("driver_version") != here.get("driver_version"):
+        return f"checkpoint made with NVIDIA driver {dumped.get('driver_version')}, node has {here.get('driver_version')}"
+    if dumped.get("count") != here.get("count"):
+        return f"checkpoint used {dumped.get('count')} GPU(s), the restoring container sees {here.get('count')}"
+    old = [d["name"] for d in dumped.get("devices") or []]
+    new = [d["name"] for d in here.get("devices") or []]
+    if old != new:
+        return f"GPU models differ: checkpoint {old}, here {new}"
+    return None
+
+
+def gpu_pairs(dumped: dict[str, Any] | None, here: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """(old UUID, new UUID) in device order, for cuCheckpointProcessRestore; empty when nothing moved."""
+    if not dumped or not here:
+        return []
+    pairs = [(a["uuid"], b["uuid"]) for a, b in zip(dumped.get("devices") or [], here.get("devices") or [])]
+    return pairs if any(a != b for a, b in pairs) else []
