@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import annotations, config, rootfs, runc
+from . import annotations, config, readiness, rootfs, runc, seed, supervisor
 from .log import Logger
 from .state import ContainerState, StateDir
 from .store import Store, write_json_atomic
@@ -82,7 +82,8 @@ def create(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest:
     sd.create()
     st = ContainerState(container_id=c.id, checkpoint_id=policy.checkpoint_id, mode=policy.mode.value,
                         bundle=str(c.bundle), rootfs=str(rootfs.rootfs_path(c.bundle, spec)), runc_root=g.root,
-                        identity=policy.identity, id_source=policy.id_source, share_pid_ns=_shares_pid_ns(spec))
+                        identity=policy.identity, id_source=policy.id_source, share_pid_ns=_shares_pid_ns(spec),
+                        pid_file=c.pid_file, runc_log=g.log, runc_global=list(g.argv))
     write_json_atomic(sd.path / "config.json.orig", spec)
     write_json_atomic(cfg, _inject(spec, sd), mode=0o644)
     rootfs_dir = Path(st.rootfs)
@@ -101,11 +102,18 @@ def create(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest:
             st.restored, st.restored_from = True, policy.checkpoint_id
             sd.save(st)
             log.info(res.reason, phases=res.phases, pid=res.pid)
+            seed.mark_restored(res.pid, spec, policy.checkpoint_id)
             return 0
         log.warning(f"cold start: {res.reason}", phases=res.phases)
     else:
         log.info(f"cold start: no checkpoint {policy.checkpoint_id} in the store yet",
-                 will_dump=policy.mode is annotations.Mode.ON_STOP)
+                 will_dump=policy.mode in (annotations.Mode.ON_STOP, annotations.Mode.ON_READY))
+    if policy.mode is annotations.Mode.ON_READY and not store.exists(policy.checkpoint_id):
+        try:
+            readiness.from_spec(spec)  # a bad ready-* annotation: say so now, not in the supervisor
+            supervisor.spawn(sd)
+        except annotations.AnnotationError as e:
+            log.error(f"{e}; the container runs, but will not be checkpointed")
     exec_runc(settings.runc, argv)
 
 
@@ -145,14 +153,19 @@ def kill(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest: l
         log.info(f"checkpointed on stop into {res.path}", phases=res.phases)
         return 0  # CRIU stopped the container at the dump: the stop is complete
     if res.stopped:
+        Store(settings).record_dump_failure(st.checkpoint_id, res.reason)
         log.warning(f"not checkpointed: {res.reason}; the container is already stopped")
         return 0
+    if not res.skipped:
+        Store(settings).record_dump_failure(st.checkpoint_id, res.reason)
     log.warning(f"not checkpointed: {res.reason}; stopping as plain runc")
     exec_runc(settings.runc, argv)
 
 
 def delete(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest: list[str], log: Logger) -> int:
     pos = runc.positional(rest)
+    if pos:
+        supervisor.stop(StateDir(settings.state_dir, pos[0]))
     p = runc.run(settings.runc, argv, capture=False)
     if pos and (p.returncode == 0 or runc.state(settings.runc, g, pos[0]) is None):
         StateDir(settings.state_dir, pos[0]).remove()  # gone from runc: nothing of ours may outlive it

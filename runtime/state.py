@@ -30,7 +30,9 @@ class ContainerState:
     share_pid_ns: bool = False
     identity: dict | None = None
     id_source: str = "auto"
-    events: list[dict] = field(default_factory=list)
+    pid_file: str | None = None
+    runc_log: str | None = None
+    runc_global: list[str] = field(default_factory=list)  # the shim's global flags, for later runc calls
 
 
 class StateDir:

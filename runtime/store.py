@@ -7,6 +7,7 @@ Layout (compatible with the seed's):
     <root>/.tmp/<id>.<rand>/      dumps in progress (never seen as complete; `warmstart gc` reaps)
     <root>/.locks/<id>.lock       flock: exclusive for dump/remove/gc, shared while restoring
     <root>/.quarantine/<id>.json  consecutive failed restores; quarantined ids are not used
+    <root>/.status/<id>.json      why the last dump of an id failed (cleared by a success)
     <seal_dir>/<id>.json          node-local seal: stat identity of each file, taken after hashing
 
 Dot-names cannot collide with ids (ids never start with '.').  A checkpoint is
@@ -164,6 +165,7 @@ class Store:
             self._discard(final)  # a leftover without marker (crash before this design's rename)
         os.rename(tmp, final)
         _fsync_path(self.root, directory=True)
+        (self.root / ".status" / f"{cid}.json").unlink(missing_ok=True)
         self.seal(cid, final, metadata)
         return final
 
@@ -306,6 +308,19 @@ class Store:
         q["quarantined"] = q["failures"] >= self.settings.max_restore_failures
         write_json_atomic(self._qpath(cid), q)
         return q
+
+    def record_dump_failure(self, cid: str, reason: str) -> None:
+        """Why the last attempt to checkpoint this id failed (shown by `warmstart list`)."""
+        self.ensure()
+        (self.root / ".status").mkdir(mode=0o700, exist_ok=True)
+        write_json_atomic(self.root / ".status" / f"{validate_id(cid)}.json",
+                          {"state": "failed", "error": reason[:500], "time": time.time()})
+
+    def dump_failure(self, cid: str) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.root / ".status" / f"{validate_id(cid)}.json").read_text())
+        except (OSError, ValueError):
+            return None
 
     def clear_quarantine(self, cid: str) -> None:
         self._qpath(cid).unlink(missing_ok=True)

@@ -21,15 +21,20 @@ def add_list_arguments(p: argparse.ArgumentParser) -> None:
 def run_list(args: argparse.Namespace) -> int:
     store = _store()
     rows = []
-    for cid in store.ids():
+    known = set(store.ids())
+    for sub in (".status", ".quarantine"):  # ids that failed without a checkpoint dir
+        d = store.root / sub
+        known |= {p.stem for p in d.glob("*.json")} if d.is_dir() else set()
+    for cid in sorted(known):
         path = store.root / cid
         q = store.quarantine_state(cid)
-        status = "complete" if store.exists(cid) else "incomplete"
+        failed = store.dump_failure(cid)
+        status = "complete" if store.exists(cid) else ("failed" if failed else "incomplete")
         if q.get("quarantined"):
             status = "quarantined"
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path.is_dir() else 0
         rows.append({"id": cid, "status": status, "bytes": size, "restore_failures": q.get("failures", 0),
-                     "last_error": q.get("last_error")})
+                     "last_error": q.get("last_error") or (failed or {}).get("error")})
     tmp = store.root / ".tmp"
     for entry in sorted(tmp.iterdir()) if tmp.is_dir() else []:
         if not entry.name.startswith("trash."):

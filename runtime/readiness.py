@@ -1,0 +1,103 @@
+"""on-ready: when is an opted-in container ready to be checkpointed, and how we look.
+
+Signals (documented in README): a ready file inside the container
+(`warmstart.dev/ready-file`, else env DYN_CHECKPOINT_READY_FILE, else
+/tmp/checkpoint-ready, as the seed does), or an HTTP GET that answers 2xx
+(`warmstart.dev/ready-http: "8080/ready"`), probed inside the container's
+network namespace.  Both are looked at from the host, through /proc/<pid>.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from . import annotations as ann
+from .seed import container_env, in_container_root
+
+DEFAULT_READY_FILE = "/tmp/checkpoint-ready"
+MAX_WAIT_S = 24 * 3600
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready_file: str | None = DEFAULT_READY_FILE
+    http_port: int | None = None
+    http_path: str = "/"
+    delay_s: float = 0.0
+    timeout_s: float = 3600.0
+
+
+def _seconds(key: str, raw: str, upper: float) -> float:
+    try:
+        v = float(raw)
+    except ValueError:
+        raise ann.AnnotationError(f"{key}: {raw[:40]!r} is not a number of seconds") from None
+    if not 0 <= v <= upper:
+        raise ann.AnnotationError(f"{key}: {v} out of range; use 0..{upper:.0f} seconds")
+    return v
+
+
+def from_spec(spec: dict[str, Any]) -> Readiness:
+    a = spec.get("annotations") or {}
+    ready_file = a.get(ann.READY_FILE) or container_env(spec).get("DYN_CHECKPOINT_READY_FILE")
+    http_port, http_path = None, "/"
+    if ann.READY_HTTP in a:
+        port, _, path = a[ann.READY_HTTP].strip().lstrip(":").partition("/")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ann.AnnotationError(f"{ann.READY_HTTP}: {a[ann.READY_HTTP][:60]!r}; use PORT/PATH, e.g. 8080/ready")
+        http_port, http_path = int(port), "/" + path
+        if any(c in http_path for c in "\r\n ") or len(http_path) > 1024:
+            raise ann.AnnotationError(f"{ann.READY_HTTP}: the path must be one URL path without spaces")
+    elif not ready_file:
+        ready_file = DEFAULT_READY_FILE  # no signal named: the seed's default file
+    if ready_file is not None and not PurePosixPath(ready_file).is_absolute():
+        raise ann.AnnotationError(f"{ann.READY_FILE}: {ready_file[:80]!r} must be an absolute path in the container")
+    delay = _seconds(ann.READY_DELAY, a[ann.READY_DELAY], 3600) if ann.READY_DELAY in a else 0.0
+    timeout = _seconds(ann.READY_TIMEOUT, a[ann.READY_TIMEOUT], MAX_WAIT_S) if ann.READY_TIMEOUT in a else 3600.0
+    return Readiness(ready_file, http_port, http_path, delay, timeout)
+
+
+def file_ready(pid: int, path: str) -> bool:
+    """The ready file exists in the container (symlinks resolved inside the container's root)."""
+    return in_container_root(pid, lambda: os.path.exists(path), default=False)
+
+
+def http_ready(pid: int, port: int, path: str, timeout: float = 2.0) -> bool:
+    """GET http://127.0.0.1:PORT/PATH from inside the container's network namespace answers 2xx."""
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        ok = b"0"
+        try:
+            os.close(r)
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+            if libc.setns(fd, 0x40000000) == 0:  # CLONE_NEWNET
+                with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+                    s.settimeout(timeout)
+                    s.sendall(f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
+                    status = s.recv(64).split(b" ", 2)
+                    if len(status) >= 2 and status[1][:1] == b"2":
+                        ok = b"1"
+        except Exception:  # noqa: BLE001 - not ready (refused, reset, timeout)
+            pass
+        finally:
+            os.write(w, ok)
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        got = f.read(1)
+    os.waitpid(child, 0)
+    return got == b"1"
+
+
+def is_ready(pid: int, r: Readiness) -> bool:
+    if r.http_port is not None and not http_ready(pid, r.http_port, r.http_path):
+        return False
+    if r.ready_file is not None and not file_ready(pid, r.ready_file):
+        return False
+    return True
