@@ -12,9 +12,13 @@ What cannot be made private, and is cleaned up explicitly:
 * shims outlive containerd: pods are stopped/removed through the CRI first,
   then leftovers are swept with `runc delete --force` and shims killed;
 * containerd 1.6 creates `/run/containerd/s` and `/run/containerd/fifo`
-  whatever its state path; netns files go to `/run/netns`; libcni caches
-  results in `/var/lib/cni/results`; the bridge plugin (isGateway) turns on
-  `net.ipv4.ip_forward`. Each is removed or restored if we created it.
+  whatever its state path; libcni caches results in `/var/lib/cni/results`.
+  Each is removed if we created it. (Pod netns files would go to
+  `/run/netns`, shared with every other containerd; `netns_mounts_under_state_dir`
+  keeps them in our state dir, where the unmount step finds them.)
+* the bridge is created here, not by the CNI bridge plugin: with
+  `isGateway` the plugin would also turn on `net.ipv4.ip_forward`, a
+  host-wide setting that several concurrent instances cannot restore safely.
 """
 from __future__ import annotations
 
@@ -28,20 +32,22 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
 from .client import CriClient, CriError
+from .images import PAUSE_REF as PAUSE_IMAGE  # the sandbox image the harness builds
 
 DEFAULT_WARMSTART_BINARY = Path("/usr/local/bin/warmstart-runtime")
 DEFAULT_RUNC_BINARY = Path("/usr/sbin/runc")
-from .images import PAUSE_REF as PAUSE_IMAGE  # the sandbox image the harness builds
 CNI_BIN_DIR = Path("/usr/lib/cni")
 K8S_NAMESPACE = "k8s.io"
 # A clean PATH for containerd, its shims and runtimes: kubelet nodes run
 # containerd from systemd, not from a developer's shell (pyenv shims, venvs).
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+MARKER = "instance.json"
 
 Progress = Callable[[str], None]
 
@@ -54,10 +60,8 @@ def _noop(_msg: str) -> None:
 class _HostState:
     """What the host looked like before start, so stop() undoes only our changes."""
 
-    ip_forward: str = ""
     run_containerd_existed: bool = True
     run_containerd_children: set[str] = field(default_factory=set)
-    netns: set[str] = field(default_factory=set)
     var_lib_cni_existed: bool = True
     var_lib_cni_results_existed: bool = True
 
@@ -88,18 +92,19 @@ class Containerd:
                  sandbox_image: str = PAUSE_IMAGE,
                  subnet: str | None = None,
                  log_level: str = "info",
-                 keep_logs: bool = True,
+                 keep_logs: bool | None = None,
                  progress: Progress | None = None) -> None:
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="warmstart-ctrd-"))
         self.workdir = self.workdir.resolve()
-        self.tag = secrets.token_hex(3)
+        self._set_tag(secrets.token_hex(3))
         self.warmstart_binary = Path(warmstart_binary)
         self.runc_binary = Path(runc_binary)
         self.extra_env = dict(env or {})
         self.sandbox_image = sandbox_image
         self.log_level = log_level
-        self.keep_logs = keep_logs
+        # A caller-given workdir keeps logs/ for post-mortems; our own temp dir goes entirely.
+        self.keep_logs = (not self._own_workdir) if keep_logs is None else keep_logs
         self.progress = progress or _noop
         # Paths (all inside workdir).
         w = self.workdir
@@ -116,10 +121,6 @@ class Containerd:
         self.log_dir = w / "logs"
         self.pod_log_root = self.log_dir / "pods"
         self.log_path = self.log_dir / "containerd.log"
-        # Names on the host.
-        self.bridge = f"wsbr{self.tag}"
-        self.network_name = f"warmstart-{self.tag}"
-        self.cgroup_parent = f"/warmstart-{self.tag}"
         self.subnet = subnet or _free_subnet()
         self.gateway = self.subnet.rsplit(".", 1)[0] + ".1"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -127,6 +128,13 @@ class Containerd:
         self._old_handlers: dict[int, object] = {}
         self._stopped = True
         self._log_file = None
+
+    def _set_tag(self, tag: str) -> None:
+        """Host-visible names derive from the tag, so cleanup can find exactly ours."""
+        self.tag = tag
+        self.bridge = f"wsbr{tag}"  # <= 15 chars (IFNAMSIZ)
+        self.network_name = f"warmstart-{tag}"
+        self.cgroup_parent = f"/warmstart-{tag}"
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -151,6 +159,8 @@ class Containerd:
             os.chmod(self.workdir, 0o711)
             self.config_path.write_text(self.render_config())
             (self.cni_conf_dir / "10-warmstart.conflist").write_text(json.dumps(self.cni_config(), indent=2))
+            self._write_marker()  # before the first host change, so reap() can find it
+            self._create_bridge()
             env = {"PATH": DEFAULT_PATH, "HOME": "/root", **self.extra_env}
             self._log_file = open(self.log_path, "ab")
             t0 = time.monotonic()
@@ -203,7 +213,6 @@ class Containerd:
             step("kill shims", self._kill_shims)
             step("kill cgroup leftovers", self._kill_cgroup_procs)
             step("unmount", self._unmount_all)
-            step("netns", self._cleanup_netns)
             step("network", self._cleanup_network)
             step("cgroups", self._remove_cgroups)
             step("host dirs", self._cleanup_host_dirs)
@@ -211,6 +220,8 @@ class Containerd:
             if self._log_file:
                 self._log_file.close()
                 self._log_file = None
+            if not problems:
+                _mark_stopped(self.workdir / MARKER)
             self._stopped = True
             self.proc = None
         finally:
@@ -341,16 +352,16 @@ disabled_plugins = [
 """
 
     def cni_config(self) -> dict:
-        # isGateway gives the bridge the .1 address, so the host routes to pod
-        # IPs directly (tests reach the worker over HTTP); no ipMasq: no
-        # iptables rules to clean up.
+        # The bridge (made by _create_bridge) holds the gateway address, so the
+        # host routes to pod IPs directly (tests reach the worker over HTTP).
+        # No isGateway (it sets ip_forward), no ipMasq (iptables rules).
         return {
             "cniVersion": "0.4.0",
             "name": self.network_name,
             "plugins": [{
                 "type": "bridge",
                 "bridge": self.bridge,
-                "isGateway": True,
+                "isGateway": False,
                 "ipMasq": False,
                 "hairpinMode": True,
                 "ipam": {
@@ -366,19 +377,97 @@ disabled_plugins = [
 
     def _record_host_state(self) -> None:
         h = self._host
-        h.ip_forward = _read("/proc/sys/net/ipv4/ip_forward").strip()
         rc = Path("/run/containerd")
         h.run_containerd_existed = rc.exists()
         h.run_containerd_children = {p.name for p in rc.iterdir()} if rc.exists() else set()
-        h.netns = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
         h.var_lib_cni_existed = Path("/var/lib/cni").exists()
         h.var_lib_cni_results_existed = Path("/var/lib/cni/results").exists()
 
+    def _create_bridge(self) -> None:
+        """Our bridge with the gateway address; the CNI bridge plugin attaches veths to it."""
+        prefix = self.subnet.split("/")[1]
+        for argv in (["ip", "link", "add", "name", self.bridge, "type", "bridge"],
+                     ["ip", "addr", "add", f"{self.gateway}/{prefix}", "dev", self.bridge],
+                     ["ip", "link", "set", self.bridge, "up"]):
+            res = subprocess.run(argv, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise ContainerdError(f"{' '.join(argv)}: {res.stderr.strip()}")
+
     def _write_marker(self) -> None:
-        """Record names and pid in the workdir: a human (or reaper) can find what a killed run left."""
-        marker = {"pid": self.proc.pid if self.proc else None, "tag": self.tag, "bridge": self.bridge,
-                  "subnet": self.subnet, "cgroup_parent": self.cgroup_parent, "address": str(self.address)}
-        (self.workdir / "instance.json").write_text(json.dumps(marker, indent=2) + "\n")
+        """Record names, pid and the host's prior state in the workdir, for `reap()` after a SIGKILL."""
+        h = self._host
+        marker = {"pid": self.proc.pid if self.proc else None, "owner": _proc_identity(os.getpid()),
+                  "tag": self.tag, "subnet": self.subnet,
+                  "runc_binary": str(self.runc_binary), "warmstart_binary": str(self.warmstart_binary),
+                  "own_workdir": self._own_workdir, "keep_logs": self.keep_logs,
+                  "host": {**asdict(h), "run_containerd_children": sorted(h.run_containerd_children)}}
+        (self.workdir / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+    @classmethod
+    def reap_stale(cls, *patterns: str, progress: Progress | None = None) -> list[Path]:
+        """Reap every instance under the glob patterns whose owner is dead; returns their workdirs.
+
+        Default pattern: instances with a temp workdir. Tests add pytest's
+        basetemp (`/tmp/pytest-of-root/pytest-*/*`) so a killed run is cleaned
+        by the next one.
+        """
+        pats = patterns or (str(Path(tempfile.gettempdir()) / "warmstart-ctrd-*"),)
+        reaped: list[Path] = []
+        markers = {m.resolve() for pat in pats for m in Path("/").glob(pat.lstrip("/") + "/" + MARKER)}
+        for marker in sorted(markers):
+            try:
+                m = json.loads(_read(marker) or "{}")
+            except ValueError:
+                continue
+            owner = m.get("owner")
+            # No owner recorded: not ours to judge (an older marker format).
+            if m.get("stopped") or not owner or _proc_identity(owner[0]) == owner:
+                continue
+            if progress:
+                progress(f"reaping stale containerd instance in {marker.parent}")
+            try:
+                problems = cls.reap(marker.parent, progress=progress)
+            except Exception as e:  # noqa: BLE001 - one bad marker must not block the others
+                problems = [str(e)]
+            if progress and problems:
+                progress(f"reaping {marker.parent}: {problems}")
+            reaped.append(marker.parent)
+        return reaped
+
+    @classmethod
+    def reap(cls, workdir: Path | str, progress: Progress | None = None, force: bool = False) -> list[str]:
+        """Clean up after an instance whose owner died without stop() (SIGKILL, OOM, power cut).
+
+        containerd runs in its own session, so it (and the shims, pods,
+        mounts, bridge) survive the owner; the marker file says what is ours.
+        Returns stop()'s problems. Left alone: a workdir without a marker, one
+        already cleaned, and (unless `force`) one whose owner process lives.
+        """
+        workdir = Path(workdir).resolve()
+        try:
+            m = json.loads((workdir / MARKER).read_text())
+        except (OSError, ValueError):
+            return []
+        if m.get("stopped") or "tag" not in m or "subnet" not in m:
+            return []
+        owner = m.get("owner")
+        if not force and (not owner or _proc_identity(owner[0]) == owner):
+            return []
+        self = cls(workdir, runc_binary=m.get("runc_binary", str(DEFAULT_RUNC_BINARY)),
+                   warmstart_binary=m.get("warmstart_binary", str(DEFAULT_WARMSTART_BINARY)),
+                   subnet=m["subnet"], keep_logs=m.get("keep_logs", True), progress=progress)
+        self._own_workdir = bool(m.get("own_workdir"))
+        self._set_tag(m["tag"])
+        h = m.get("host", {})
+        self._host = _HostState(run_containerd_existed=h.get("run_containerd_existed", True),
+                                run_containerd_children=set(h.get("run_containerd_children", [])),
+                                var_lib_cni_existed=h.get("var_lib_cni_existed", True),
+                                var_lib_cni_results_existed=h.get("var_lib_cni_results_existed", True))
+        pid = m.get("pid")
+        if pid and _cmdline(pid)[:1] == [b"containerd"] and str(self.config_path).encode() in _cmdline(pid):
+            self.proc = _Adopted(pid)  # type: ignore[assignment]
+        self._stopped = False
+        return self.stop()
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -520,25 +609,6 @@ disabled_plugins = [
         if left:
             raise ContainerdError(f"still mounted: {', '.join(map(str, left))}")
 
-    def _cleanup_netns(self) -> None:
-        d = Path("/run/netns")
-        if not d.is_dir():
-            return
-        mps = set(_mountpoints())
-        for name in set(os.listdir(d)) - self._host.netns:
-            if not name.startswith("cni-"):
-                continue
-            p = d / name
-            if p in mps:
-                _umount(p)
-            p.unlink(missing_ok=True)
-            self.progress(f"removed leftover netns {name}")
-        if not self._host.netns:
-            try:
-                d.rmdir()  # only if empty and it was not there (or empty) before
-            except OSError:
-                pass
-
     def veths(self) -> list[str]:
         res = subprocess.run(["ip", "-o", "link", "show", "master", self.bridge],
                              capture_output=True, text=True)
@@ -552,8 +622,6 @@ disabled_plugins = [
             for v in self.veths():
                 subprocess.run(["ip", "link", "del", v], capture_output=True)
             subprocess.run(["ip", "link", "del", self.bridge], check=True, capture_output=True)
-        if self._host.ip_forward and _read("/proc/sys/net/ipv4/ip_forward").strip() != self._host.ip_forward:
-            Path("/proc/sys/net/ipv4/ip_forward").write_text(self._host.ip_forward + "\n")
         results = Path("/var/lib/cni/results")
         if results.is_dir():
             for f in results.glob(f"{self.network_name}-*"):
@@ -587,6 +655,65 @@ disabled_plugins = [
 
 
 # -- module helpers -----------------------------------------------------------
+
+class _Adopted:
+    """The Popen subset stop() uses, for a containerd we did not start (reap)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not Path(f"/proc/{self.pid}").exists():
+            self.returncode = 0
+        return self.returncode
+
+    def terminate(self) -> None:
+        _kill(self.pid, signal.SIGTERM)
+
+    def kill(self) -> None:
+        _kill(self.pid, signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(["containerd"], timeout or 0)
+            time.sleep(0.05)
+        return self.returncode or 0
+
+
+def _proc_identity(pid: int) -> list[int]:
+    """[pid, start time in ticks]: tells a live owner from a reused pid."""
+    stat = _read(f"/proc/{pid}/stat")
+    try:
+        return [pid, int(stat.rsplit(")", 1)[1].split()[19])]
+    except (IndexError, ValueError):
+        return [pid, -1]
+
+
+def _mark_stopped(marker: Path) -> None:
+    try:
+        m = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return
+    m["stopped"] = True
+    marker.write_text(json.dumps(m, indent=2) + "\n")
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _cmdline(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
 
 def _read(path: str | Path) -> str:
     try:

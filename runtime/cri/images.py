@@ -37,6 +37,7 @@ REFWORKER_SRC = Path(__file__).resolve().parent.parent / "worker" / "refworker.p
 PAUSE_SCRIPT = 'trap "exit 0" TERM INT; while :; do sleep 3600 & wait $!; done'
 SUITE = "bookworm"
 BASE_PACKAGES = ("python3",)  # python3-minimal lacks http.server/json; python3 is +~20 MB
+KEEP_WORKER_IMAGES = 3
 BUILD_VERSION = "1"  # bump when the build recipe changes, to invalidate caches
 
 Progress = Callable[[str], None]
@@ -158,6 +159,7 @@ def build_worker_image(*, cache_dir: Path = CACHE_DIR, refworker: Path = REFWORK
                  "--config.stopsignal", "SIGTERM", "--architecture", "amd64", "--os", "linux")
             _publish(_to_docker_archive(layout, "base", ref, Path(tmp)), out)
         progress(f"built worker image in {time.monotonic() - t:.1f}s -> {out}")
+        _prune(cache_dir, "worker-*.tar", keep=KEEP_WORKER_IMAGES)
     return out, ref
 
 
@@ -235,6 +237,13 @@ def _prune_rootfs(rootfs: Path) -> None:
                 shutil.rmtree(child)
             else:
                 child.unlink()
+
+
+def _prune(cache_dir: Path, pattern: str, keep: int) -> None:
+    """Each edit of refworker.py makes a new ~150 MB tarball: keep only the newest few."""
+    old = sorted(cache_dir.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)[keep:]
+    for p in old:
+        p.unlink(missing_ok=True)
 
 
 def _copy_layout(src: Path, dst: Path) -> None:

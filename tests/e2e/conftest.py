@@ -90,6 +90,8 @@ def containerd(tmp_path_factory: pytest.TempPathFactory, warmstart_config: Path)
     reason = _cri_skip_reason()
     if reason:
         pytest.skip(reason)
+    # A run killed with SIGKILL leaves its containerd, pods and bridge behind; clean them first.
+    Containerd.reap_stale(str(tmp_path_factory.getbasetemp().parent / "pytest-*" / "*"))
     ctrd = Containerd(tmp_path_factory.mktemp("containerd"), warmstart_binary=WARMSTART_BINARY,
                       env={"WARMSTART_CONFIG": str(warmstart_config)})
     with ctrd:
