@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from .config import Settings
 from .log import Logger
 from .phases import Phases
 from .state import ContainerState, StateDir
-from .store import DELETED, ROOTFS_DIFF, Checkpoint, CheckpointError, Store
+from .store import DELETED, ROOTFS_DIFF, CheckpointError, Store
 
 
 @dataclass

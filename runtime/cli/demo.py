@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 RUNTIME = Path("/usr/local/bin/warmstart-runtime")
 PORT = 8080
@@ -27,7 +27,8 @@ PORT = 8080
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-mb", type=int, default=1024, help="worker state size in MiB (default 1024)")
-    p.add_argument("--rounds", type=int, default=4, help="hash-chain rounds over the state: the cold-start work")
+    p.add_argument("--rounds", type=int, default=6,
+                   help="hash-chain rounds over the state: the cold-start work (default 6: ~30 s here)")
     p.add_argument("--json", type=Path, dest="json_out", help="also write the results as JSON to this file")
     p.add_argument("--runtime", type=Path, default=RUNTIME, help="the runtime handler's BinaryName")
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs, store) for inspection")
@@ -68,7 +69,6 @@ class Progress:
 @dataclass
 class DemoResult:
     cold_start_s: float = 0.0
-    cold_create_s: float = 0.0
     restore_s: float = 0.0
     speedup: float = 0.0
     stop_s: float = 0.0
@@ -98,9 +98,112 @@ def _runtime_log(log_dir: Path, container: str) -> list[dict[str, Any]]:
     return out
 
 
+@dataclass
+class Pod:
+    sandbox: Any
+    container: str
+    ip: str
+
+
+class Demo:
+    """The demo's steps, each a method; `run` strings them together and cleans up."""
+
+    def __init__(self, args: argparse.Namespace, say: Progress, work: Path) -> None:
+        from .. import config as wconfig  # noqa: PLC0415
+        self.args, self.say, self.work = args, say, work
+        self.node = work / "node"
+        self.node.mkdir(mode=0o700)
+        self.config = self.node / "config.toml"
+        self.config.write_text(
+            f'store = "{self.node}/store"\nseal_dir = "{self.node}/seals"\nstate_dir = "{self.node}/state"\n'
+            f'log_dir = "{self.node}/logs"\ncriu = "{wconfig.load().criu}"\n')
+        self.res = DemoResult(state_mb=args.state_mb, checkpoint_id=f"demo-{secrets.token_hex(4)}")
+        self.annotations = {"warmstart.dev/checkpoint": "on-stop", "warmstart.dev/id": self.res.checkpoint_id}
+        self.worker_args = ["--port", str(PORT), "--state-mb", str(args.state_mb), "--rounds", str(args.rounds)]
+
+    def log(self, container: str) -> list[dict[str, Any]]:
+        return _runtime_log(self.node / "logs", container)
+
+    def start_pod(self, cri: Any, image: str, name: str, what: str) -> tuple[Pod, float]:
+        """RunPodSandbox + CreateContainer, then StartContainer timed to /ready (as a client sees it)."""
+        from ..cri.client import wait_http  # noqa: PLC0415
+        sandbox = cri.run_pod_sandbox(name, runtime_handler="warmstart", annotations=self.annotations)
+        pod = Pod(sandbox, "", cri.pod_ip(sandbox.id))
+        pod.container = cri.create_container(sandbox, "worker", image, args=self.worker_args,
+                                             annotations=self.annotations)
+        self.say(f"{name} ({pod.ip}): starting the worker; {what}")
+        t = time.monotonic()
+        cri.start_container(pod.container)
+        with self.say.waiting(f"{name}: waiting for /ready"):
+            wait_http(pod.ip, PORT, "/ready", timeout=1800)
+        return pod, time.monotonic() - t
+
+    def checkpoint(self, cri: Any, pod: Pod) -> bool:
+        """StopContainer (warmstart dumps inside it), remove the pod, read what the dump recorded."""
+        res = self.res
+        t = time.monotonic()
+        with self.say.waiting("checkpoint"):
+            cri.stop_container(pod.container, timeout=self.args.grace)
+        res.stop_s = time.monotonic() - t
+        exit_code = cri.container_status(pod.container).exit_code
+        cri.stop_pod(pod.sandbox.id)
+        cri.remove_pod(pod.sandbox.id)
+        ck = self.node / "store" / res.checkpoint_id
+        if not (ck / "checkpoint.done").is_file():
+            self.say(f"no checkpoint was made; runtime log: {self.log(pod.container)[-2:]}")
+            return False
+        meta = json.loads((ck / "metadata.json").read_text())
+        res.criu_dump_stats = meta["dump"].get("criu_stats", {})
+        res.checkpoint_bytes = meta["sizes"]["total_bytes"]
+        done = [r for r in self.log(pod.container) if "checkpointed" in r.get("msg", "")]
+        res.dump_phases = done[-1].get("phases", meta["dump"]["phases"]) if done else meta["dump"]["phases"]
+        res.dump_s = sum(res.dump_phases.values())
+        self.say(f"checkpoint {res.checkpoint_id}: {res.checkpoint_bytes / 2**20:.0f} MiB in {res.dump_s:.2f}s "
+                 f"(container exit code {exit_code}); pod removed")
+        return True
+
+    def run(self, ctrd: Any) -> int:
+        from ..cri import images  # noqa: PLC0415 - grpc is heavy; only the demo needs it
+        from ..cri.client import http_get  # noqa: PLC0415
+        res, say = self.res, self.say
+        say(f"work dir {self.work}; starting a private containerd")
+        ctrd.start()
+        say("building and importing images (cached after the first run)")
+        images.ensure_pause_image(ctrd, progress=say)
+        image = images.ensure_worker_image(ctrd, progress=say)
+        with ctrd.client(timeout=300) as cri:
+            pod1, res.cold_start_s = self.start_pod(
+                cri, image, "worker-1", f"cold start ({self.args.state_mb} MiB state, {self.args.rounds} rounds)")
+            for _ in range(3):
+                _, res.before = http_get(pod1.ip, PORT, "/infer")
+            say(f"worker-1 ready after {res.cold_start_s:.2f}s; answered 3 requests: counter={res.before['counter']} "
+                f"checksum={res.before['checksum'][:16]}…")
+            say("stopping worker-1 (StopContainer): warmstart checkpoints it")
+            if not self.checkpoint(cri, pod1):
+                return 1
+            pod2, res.restore_s = self.start_pod(cri, image, "worker-2", "a new sandbox: it restores")
+            _, res.after = http_get(pod2.ip, PORT, "/infer")
+            res.pod_ips = [pod1.ip, pod2.ip]
+            restored = [r for r in self.log(pod2.container) if "restored from" in r.get("msg", "")]
+            if not restored:
+                say(f"worker-2 started cold, not restored: {self.log(pod2.container)[-1:]}")
+            res.restore_phases = restored[-1].get("phases", {}) if restored else {}
+            res.state_preserved = bool(restored) and all(
+                res.after.get(k) == res.before.get(k) for k in ("checksum", "boot_id", "random_value")) \
+                and res.after.get("counter") == res.before.get("counter") + 1
+            res.speedup = res.cold_start_s / res.restore_s if res.restore_s else 0.0
+            say(f"worker-2 ready after {res.restore_s:.2f}s: counter={res.after.get('counter')} "
+                f"checksum={str(res.after.get('checksum'))[:16]}… hostname={res.after.get('hostname')}")
+            cri.stop_container(pod2.container, timeout=2)
+            cri.remove_all()
+        print_table(res)
+        if self.args.json_out:
+            self.args.json_out.write_text(json.dumps(res.__dict__, indent=1, default=str))
+            say(f"results written to {self.args.json_out}")
+        return 0 if res.state_preserved else 1
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..cri import images  # noqa: PLC0415 - grpc is heavy; only the demo needs it
-    from ..cri.client import wait_http, http_get  # noqa: PLC0415
     from ..cri.containerd import Containerd  # noqa: PLC0415
 
     if os.geteuid() != 0:
@@ -112,90 +215,11 @@ def run(args: argparse.Namespace) -> int:
     say = Progress()
     work = Path(tempfile.mkdtemp(prefix="warmstart-demo-"))
     work.chmod(0o700)
-    node = work / "node"
-    cfg = node / "config.toml"
-    node.mkdir(mode=0o700)
-    from .. import config as wconfig  # noqa: PLC0415
-    criu = wconfig.load().criu
-    cfg.write_text(f'store = "{node}/store"\nseal_dir = "{node}/seals"\nstate_dir = "{node}/state"\n'
-                   f'log_dir = "{node}/logs"\ncriu = "{criu}"\n')
-    res = DemoResult(state_mb=args.state_mb, checkpoint_id=f"demo-{secrets.token_hex(4)}")
-    annotations = {"warmstart.dev/checkpoint": "on-stop", "warmstart.dev/id": res.checkpoint_id}
-    worker_args = ["--port", str(PORT), "--state-mb", str(args.state_mb), "--rounds", str(args.rounds)]
-    ctrd = Containerd(work / "containerd", warmstart_binary=args.runtime, env={"WARMSTART_CONFIG": str(cfg)},
-                      progress=say)
+    demo = Demo(args, say, work)
+    ctrd = Containerd(work / "containerd", warmstart_binary=args.runtime,
+                      env={"WARMSTART_CONFIG": str(demo.config)}, progress=say)
     try:
-        say(f"work dir {work}; starting a private containerd")
-        ctrd.start()
-        say("building and importing images (cached after the first run)")
-        images.ensure_pause_image(ctrd, progress=say)
-        image = images.ensure_worker_image(ctrd, progress=say)
-        with ctrd.client(timeout=300) as cri:
-            # -- pod 1: cold start -------------------------------------------------
-            pod1 = cri.run_pod_sandbox("worker-1", runtime_handler="warmstart", annotations=annotations)
-            ip1 = cri.pod_ip(pod1.id)
-            c1 = cri.create_container(pod1, "worker", image, args=worker_args, annotations=annotations)
-            say(f"pod 1 ({ip1}): starting the reference worker cold ({args.state_mb} MiB state, {args.rounds} rounds)")
-            t = time.monotonic()
-            cri.start_container(c1)
-            res.cold_create_s = time.monotonic() - t
-            with say.waiting("cold start: worker building its state"):
-                waited, _ = wait_http(ip1, PORT, "/ready", timeout=1800)
-            res.cold_start_s = time.monotonic() - t
-            say(f"pod 1 ready after {res.cold_start_s:.2f}s")
-            for _ in range(3):
-                _, res.before = http_get(ip1, PORT, "/infer")
-            say(f"pod 1 answered 3 requests: counter={res.before['counter']} checksum={res.before['checksum'][:16]}…")
-            # -- stop = checkpoint -------------------------------------------------
-            say("stopping pod 1's worker (StopContainer): warmstart checkpoints it")
-            t = time.monotonic()
-            with say.waiting("checkpoint"):
-                cri.stop_container(c1, timeout=args.grace)
-            res.stop_s = time.monotonic() - t
-            st1 = cri.container_status(c1)
-            cri.stop_pod(pod1.id)
-            cri.remove_pod(pod1.id)
-            ck = node / "store" / res.checkpoint_id
-            if not (ck / "checkpoint.done").is_file():
-                say(f"no checkpoint was made; runtime log: {_runtime_log(node / 'logs', c1)[-2:]}")
-                return 1
-            meta = json.loads((ck / "metadata.json").read_text())
-            res.dump_phases = meta["dump"]["phases"]
-            res.criu_dump_stats = meta["dump"].get("criu_stats", {})
-            res.checkpoint_bytes = meta["sizes"]["total_bytes"]
-            done = [r for r in _runtime_log(node / "logs", c1) if "checkpointed" in r.get("msg", "")]
-            res.dump_phases = done[-1].get("phases", res.dump_phases) if done else res.dump_phases
-            res.dump_s = sum(res.dump_phases.values())
-            say(f"checkpoint {res.checkpoint_id}: {res.checkpoint_bytes / 2**20:.0f} MiB in {res.dump_s:.2f}s "
-                f"(container exit code {st1.exit_code}); pod 1 removed")
-            # -- pod 2: restore ----------------------------------------------------
-            pod2 = cri.run_pod_sandbox("worker-2", runtime_handler="warmstart", annotations=annotations)
-            ip2 = cri.pod_ip(pod2.id)
-            c2 = cri.create_container(pod2, "worker", image, args=worker_args, annotations=annotations)
-            say(f"pod 2 ({ip2}, a new sandbox): starting the worker, which restores")
-            t = time.monotonic()
-            cri.start_container(c2)
-            wait_http(ip2, PORT, "/ready", timeout=300)
-            res.restore_s = time.monotonic() - t
-            _, res.after = http_get(ip2, PORT, "/infer")
-            res.pod_ips = [ip1, ip2]
-            restored = [r for r in _runtime_log(node / "logs", c2) if "restored from" in r.get("msg", "")]
-            if not restored:
-                say(f"pod 2 started cold, not restored: {_runtime_log(node / 'logs', c2)[-1:]}")
-            res.restore_phases = restored[-1].get("phases", {}) if restored else {}
-            res.state_preserved = bool(restored) and all(
-                res.after.get(k) == res.before.get(k) for k in ("checksum", "boot_id", "random_value")) \
-                and res.after.get("counter") == res.before.get("counter") + 1
-            res.speedup = res.cold_start_s / res.restore_s if res.restore_s else 0.0
-            say(f"pod 2 ready after {res.restore_s:.2f}s: counter={res.after.get('counter')} "
-                f"checksum={str(res.after.get('checksum'))[:16]}… hostname={res.after.get('hostname')}")
-            cri.stop_container(c2, timeout=2)
-            cri.remove_all()
-        print_table(res)
-        if args.json_out:
-            args.json_out.write_text(json.dumps(res.__dict__, indent=1, default=str))
-            say(f"results written to {args.json_out}")
-        return 0 if res.state_preserved else 1
+        return demo.run(ctrd)
     except KeyboardInterrupt:
         say("interrupted; cleaning up")
         return 130
@@ -205,7 +229,8 @@ def run(args: argparse.Namespace) -> int:
             say(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-        say("cleaned up" + (f" with problems: {problems}" if problems else ": containerd, pods, mounts, network, temp dirs"))
+        say("cleaned up" + (f" with problems: {problems}" if problems else
+                            ": containerd, pods, mounts, network, temp dirs"))
 
 
 def print_table(r: DemoResult) -> None:
