@@ -128,6 +128,7 @@ def criu_checks(criu: Path, label="criu"):
                         f"{INSTALL_HINT}, or point criu = in the config at a CRIU >= {CRIU_MIN[0]}.{CRIU_MIN[1]}"))
         return out
     out.append(ok(f"{label}.version", vs))
+    out.append(check_criu_sockopts(criu, ver, label))
     if os.geteuid() != 0:
         out.append(warn(f"{label}.check", "skipped: `criu check` needs root", "run as root"))
         return out
@@ -138,6 +139,18 @@ def criu_checks(criu: Path, label="criu"):
         out.append(fail(f"{label}.check", f"criu check failed (rc={rc}): {_last_line(text)}",
                         f"run `{criu} check -v4` to see which kernel feature is missing"))
     return out
+
+
+def check_criu_sockopts(criu: Path, ver: tuple, label: str = "criu") -> tuple:
+    """Linux >= 6.16 refuses SO_PASSCRED on inet sockets; CRIU < 4.2 then cannot dump any TCP socket."""
+    kernel = _version_tuple(os.uname().release.split("-")[0]) or (0, 0)
+    if kernel[:2] < (6, 16) or ver[:2] >= (4, 2):
+        return ok(f"{label}.sockopts", f"kernel {os.uname().release} and CRIU {'.'.join(map(str, ver))} agree on socket options")
+    stamp = Path(str(criu) + ".warmstart-patch")
+    if stamp.exists():
+        return ok(f"{label}.sockopts", "built by install.sh with the SO_PASSCRED patch that this kernel needs")
+    return fail(f"{label}.sockopts", f"CRIU {'.'.join(map(str, ver))} without the SO_PASSCRED fix cannot dump TCP sockets "
+                f"on kernel {os.uname().release} (criu#2705)", f"{INSTALL_HINT} (it builds a patched CRIU)")
 
 
 def check_runc(runc: Path):
