@@ -31,7 +31,7 @@ CRIU_SRC="$CACHE/criu-$CRIU_VERSION"
 CRIU_PATCH="$REPO_DIR/packaging/criu-4.1.1-so-passcred.patch"
 CRIU_FIXED=4.2
 
-PACKAGES=(runc containerd skopeo umoci busybox-static containernetworking-plugins iproute2
+PACKAGES=(runc containerd skopeo umoci busybox-static containernetworking-plugins iproute2 podman
   iptables debootstrap python3 python3-venv python3-dev build-essential pkg-config
   xz-utils ca-certificates procps util-linux patch
   libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler python3-protobuf
@@ -321,7 +321,7 @@ step_python() {
     tar -C "$REPO_DIR" --exclude=.git --exclude=__pycache__ --exclude='*.egg-info' \
         --exclude=./build --exclude=./tests --exclude=./benchmarks -cf - . | tar -C "$tmp" -xf -
     if ! "${pip[@]}" --upgrade --force-reinstall --no-deps "$tmp" >"$CACHE/pip.log" 2>&1 \
-       || ! "${pip[@]}" "$tmp[test]" >>"$CACHE/pip.log" 2>&1; then
+       || ! "${pip[@]}" "$tmp[test,bench]" >>"$CACHE/pip.log" 2>&1; then
       tail -n 30 "$CACHE/pip.log" >&2
       rm -rf "$tmp"
       die "pip install of $REPO_DIR failed; full log: $CACHE/pip.log"

@@ -1,0 +1,106 @@
+"""Lazy restore: the opt-in rule, and the supervisor never leaks its lazy-pages daemon."""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from warmstart import annotations, lazy
+
+
+def spec(ann: dict[str, str], devices: list[str] | None = None) -> dict:
+    return {"annotations": ann, "linux": {"devices": [{"path": d} for d in devices or []]}, "mounts": []}
+
+
+def test_eligible_only_when_asked_and_no_gpu() -> None:
+    assert lazy.eligible(spec({}))[0] is False
+    assert lazy.eligible(spec({"warmstart.dev/restore": "eager"}))[0] is False
+    assert lazy.eligible(spec({"warmstart.dev/restore": "lazy"})) == (True, "lazy")
+    ok, why = lazy.eligible(spec({"warmstart.dev/restore": "lazy"}, ["/dev/nvidia0", "/dev/nvidiactl"]))
+    assert not ok and "nvidia" in why
+
+
+def test_annotation_validated() -> None:
+    base = {"warmstart.dev/checkpoint": "on-stop", "warmstart.dev/id": "x"}
+    assert annotations.policy_from_spec({"annotations": {**base, "warmstart.dev/restore": "lazy"}}) is not None
+    with pytest.raises(annotations.AnnotationError, match="warmstart.dev/restore"):
+        annotations.policy_from_spec({"annotations": {**base, "warmstart.dev/restore": "sometimes"}})
+
+
+def fake_criu(tmp: Path, body: str) -> Path:
+    """A stand-in for `criu lazy-pages`: opens the socket file, then runs body."""
+    p = tmp / "criu"
+    p.write_text(f"#!/bin/sh\necho $$ > {tmp}/daemon.pid\ntouch {tmp}/work/{lazy.SOCKET}\n{body}\n")
+    p.chmod(0o755)
+    return p
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    st = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    return st != "Z"
+
+
+def wait_dead(pid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    (tmp_path / "work").mkdir()
+    return tmp_path
+
+
+def test_abandoned_daemon_is_killed(work: Path) -> None:
+    d = lazy.Daemon(fake_criu(work, "sleep 300"), work, work / "work")
+    d.start()
+    pid = int((work / "daemon.pid").read_text())
+    assert alive(pid)
+    d.abandon()  # the restore did not happen
+    assert wait_dead(pid)
+
+
+def test_daemon_killed_when_container_dies(work: Path) -> None:
+    d = lazy.Daemon(fake_criu(work, "sleep 300"), work, work / "work")
+    d.start()
+    pid = int((work / "daemon.pid").read_text())
+    container = subprocess.Popen(["sleep", "300"])
+    d.hand_over(container.pid)
+    time.sleep(0.3)
+    assert alive(pid)  # still serving pages while the container lives
+    container.kill()
+    container.wait()
+    assert wait_dead(pid, lazy.GRACE_S + 10)
+
+
+def test_daemon_that_finishes_is_reaped(work: Path) -> None:
+    d = lazy.Daemon(fake_criu(work, "sleep 0.2"), work, work / "work")
+    d.start()
+    pid = int((work / "daemon.pid").read_text())
+    container = subprocess.Popen(["sleep", "300"])
+    try:
+        d.hand_over(container.pid)
+        assert wait_dead(pid)  # exited and reaped by the supervisor, not a zombie
+        assert wait_dead(d.supervisor)
+    finally:
+        container.kill()
+        container.wait()
+
+
+def test_daemon_that_fails_to_start(work: Path) -> None:
+    bad = work / "criu"
+    bad.write_text("#!/bin/sh\necho 'Error (criu/uffd.c:1): no' >&2\nexit 1\n")
+    bad.chmod(0o755)
+    with pytest.raises(lazy.LazyError):
+        lazy.Daemon(bad, work, work / "work").start()
