@@ -31,7 +31,7 @@ CRIU_SRC="$CACHE/criu-$CRIU_VERSION"
 CRIU_PATCH="$REPO_DIR/packaging/criu-4.1.1-so-passcred.patch"
 CRIU_FIXED=4.2
 
-PACKAGES=(runc containerd skopeo umoci busybox-static containernetworking-plugins iproute2 podman
+PACKAGES=(runc containerd skopeo umoci busybox-static containernetworking-plugins iproute2 podman docker-registry
   iptables debootstrap python3 python3-venv python3-dev build-essential pkg-config
   xz-utils ca-certificates procps util-linux patch
   libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler python3-protobuf

@@ -229,62 +229,42 @@ class Store:
 
     # -- verify ---------------------------------------------------------------
     def open_verified(self, cid: str, full: bool = False) -> Checkpoint:
-        """Everything we check before a checkpoint may touch a rootfs or CRIU."""
+        """Everything we check before a checkpoint may touch a rootfs or CRIU.
+
+        The node's seal (stats) stands for the hashes; without a matching seal,
+        or with full=True, every file is hashed and the checkpoint re-sealed.
+        """
         path = self.path(cid)
         _check_owned_dir(self.root, "store root")
-        _check_owned_dir(path, f"checkpoint {cid}")
-        marker = _read_control(path / MARKER, 64 * 1024)
-        try:
-            body = json.loads(marker) if marker.strip() else {}
-        except ValueError:
-            raise CheckpointError(f"{MARKER}: not JSON") from None
-        if not isinstance(body, dict) or body.get("success") is not True:
-            raise CheckpointError(f"{MARKER}: marker does not say success: true ({str(body)[:120]})")
-        raw = _read_control(path / METADATA, MAX_METADATA)
-        why = None if full else self._seal_matches(cid, path)
-        try:
-            metadata = json.loads(raw)
-        except ValueError:
-            raise CheckpointError(f"{METADATA}: not JSON") from None
-        if not full and why is None:
+        if not full and self._seal_matches(cid, path) is None:
+            _check_owned_dir(path, f"checkpoint {cid}")
+            _marker(path)
+            raw = _read_control(path / METADATA, MAX_METADATA)
             seal = json.loads((self.seal_dir / f"{cid}.json").read_text())
-            if hashlib.sha256(raw).hexdigest() != seal.get("metadata_sha256"):
-                why = "metadata.json differs from the sealed one"
-        if full or why is not None:
-            from .metadata import validate  # noqa: PLC0415
-            try:
-                validate(metadata)
-            except ValueError as e:
-                raise CheckpointError(f"{METADATA}: {e}") from None
-            if hashlib.sha256(raw).hexdigest() != body.get("metadata_sha256"):
-                raise CheckpointError(f"{METADATA}: SHA-256 differs from the one recorded in {MARKER} (tampered?)")
-            if metadata["id"] != cid:
-                raise CheckpointError(f"{METADATA}: id {metadata['id']!r} does not match directory {cid!r}")
-            self._check_entries(path, metadata)
-            for name, want in metadata["manifest"].items():
-                got = sha256_file(path / name)
-                if got != want["sha256"]:
-                    raise CheckpointError(f"{name}: SHA-256 mismatch (manifest {want['sha256'][:12]}…, file {got[:12]}…)")
-            self.seal(cid, path, metadata)
-            return Checkpoint(cid, path, metadata, "hash")
-        return Checkpoint(cid, path, metadata, "seal")
+            if hashlib.sha256(raw).hexdigest() == seal.get("metadata_sha256"):
+                try:
+                    return Checkpoint(cid, path, json.loads(raw), "seal")
+                except ValueError:
+                    pass  # cannot happen for a sealed file; fall through to the full check
+        metadata = verify_dir(path, cid)
+        self.seal(cid, path, metadata)
+        return Checkpoint(cid, path, metadata, "hash")
 
-    def _check_entries(self, path: Path, metadata: dict[str, Any]) -> None:
-        manifest = metadata["manifest"]
-        present = {e.name for e in path.iterdir()}
-        extra = present - set(manifest) - CONTROL_FILES
-        if extra:
-            raise CheckpointError(f"{sorted(extra)[0]}: file not in the manifest")
-        for name, want in manifest.items():
-            if "/" in name or name.startswith(".") or name in CONTROL_FILES:
-                raise CheckpointError(f"{name}: manifest entry is not a plain file name")
-            try:
-                st = (path / name).lstat()
-            except FileNotFoundError:
-                raise CheckpointError(f"{name}: listed in the manifest but missing") from None
-            _check_owned_file(path / name, st)
-            if st.st_size != want["size"]:
-                raise CheckpointError(f"{name}: size {st.st_size} differs from manifest {want['size']}")
+    def adopt(self, cid: str, tmp: Path) -> Path:
+        """Move a checkpoint that came from elsewhere (a registry) into place, after a full check in tmp."""
+        verify_dir(tmp, cid)
+        final = self.path(cid)
+        with self.lock(cid) as held:
+            if not held:
+                raise CheckpointError(f"{cid}: the id is locked by a dump, restore or gc; try again")
+            if (final / MARKER).is_file():
+                raise CheckpointError(f"{cid}: a complete checkpoint already exists; `warmstart remove {cid}` first")
+            if final.exists() or final.is_symlink():
+                self._discard(final)
+            os.rename(tmp, final)
+            _fsync_path(self.root, directory=True)
+        self.open_verified(cid, full=True)  # seals it under its final path
+        return final
 
     # -- quarantine -----------------------------------------------------------
     def _qpath(self, cid: str) -> Path:
@@ -357,6 +337,62 @@ class Store:
                 except ValueError:
                     continue
         return removed
+
+
+def _marker(path: Path) -> dict[str, Any]:
+    """checkpoint.done's JSON, trusted only when it says success: true (the seed's reader did not check)."""
+    raw = _read_control(path / MARKER, 64 * 1024)
+    try:
+        body = json.loads(raw) if raw.strip() else {}
+    except ValueError:
+        raise CheckpointError(f"{MARKER}: not JSON") from None
+    if not isinstance(body, dict) or body.get("success") is not True:
+        raise CheckpointError(f"{MARKER}: marker does not say success: true ({str(body)[:120]})")
+    return body
+
+
+def verify_dir(path: Path, cid: str) -> dict[str, Any]:
+    """The full check of one checkpoint dir: ownership, marker, schema, metadata hash, every file's hash."""
+    _check_owned_dir(path, f"checkpoint {cid}")
+    body = _marker(path)
+    raw = _read_control(path / METADATA, MAX_METADATA)
+    try:
+        metadata = json.loads(raw)
+    except ValueError:
+        raise CheckpointError(f"{METADATA}: not JSON") from None
+    from .metadata import validate  # noqa: PLC0415 - jsonschema is heavy; only on a full check
+    try:
+        validate(metadata)
+    except ValueError as e:
+        raise CheckpointError(f"{METADATA}: {e}") from None
+    if hashlib.sha256(raw).hexdigest() != body.get("metadata_sha256"):
+        raise CheckpointError(f"{METADATA}: SHA-256 differs from the one recorded in {MARKER} (tampered?)")
+    if metadata["id"] != cid:
+        raise CheckpointError(f"{METADATA}: id {metadata['id']!r} does not match directory {cid!r}")
+    _check_entries(path, metadata)
+    for name, want in metadata["manifest"].items():
+        got = sha256_file(path / name)
+        if got != want["sha256"]:
+            raise CheckpointError(f"{name}: SHA-256 mismatch (manifest {want['sha256'][:12]}…, file {got[:12]}…)")
+    return metadata
+
+
+def _check_entries(path: Path, metadata: dict[str, Any]) -> None:
+    manifest = metadata["manifest"]
+    present = {e.name for e in path.iterdir()}
+    extra = present - set(manifest) - CONTROL_FILES
+    if extra:
+        raise CheckpointError(f"{sorted(extra)[0]}: file not in the manifest")
+    for name, want in manifest.items():
+        if "/" in name or name.startswith(".") or name in CONTROL_FILES:
+            raise CheckpointError(f"{name}: manifest entry is not a plain file name")
+        try:
+            st = (path / name).lstat()
+        except FileNotFoundError:
+            raise CheckpointError(f"{name}: listed in the manifest but missing") from None
+        _check_owned_file(path / name, st)
+        if st.st_size != want["size"]:
+            raise CheckpointError(f"{name}: size {st.st_size} differs from manifest {want['size']}")
 
 
 def marker_body(cid: str, path: Path, success: bool, error: str | None) -> dict[str, Any]:
