@@ -84,7 +84,6 @@ def create(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest:
                         bundle=str(c.bundle), rootfs=str(rootfs.rootfs_path(c.bundle, spec)), runc_root=g.root,
                         identity=policy.identity, id_source=policy.id_source, share_pid_ns=_shares_pid_ns(spec),
                         pid_file=c.pid_file, runc_log=g.log, runc_global=list(g.argv))
-    write_json_atomic(sd.path / "config.json.orig", spec)
     write_json_atomic(cfg, _inject(spec, sd), mode=0o644)
     rootfs_dir = Path(st.rootfs)
     if rootfs.overlay_upperdir(rootfs_dir) is None:
@@ -156,9 +155,11 @@ def kill(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest: l
         Store(settings).record_dump_failure(st.checkpoint_id, res.reason)
         log.warning(f"not checkpointed: {res.reason}; the container is already stopped")
         return 0
-    if not res.skipped:
+    if res.skipped:
+        log.info(f"not checkpointed: {res.reason}; stopping as plain runc")
+    else:
         Store(settings).record_dump_failure(st.checkpoint_id, res.reason)
-    log.warning(f"not checkpointed: {res.reason}; stopping as plain runc")
+        log.warning(f"not checkpointed: {res.reason}; stopping as plain runc")
     exec_runc(settings.runc, argv)
 
 
