@@ -29,6 +29,9 @@ class Settings:
     max_restore_failures: int = 3
     # Seconds a dump may take before it is abandoned (CRIU `timeout`).
     dump_timeout_s: int = 600
+    # Seconds `runc restore` may take inside `create` before runc and CRIU are killed and the
+    # container starts cold: below kubelet's runtimeRequestTimeout (2 min), with room for the cold start.
+    restore_timeout_s: int = 90
     # Env keys never written to metadata in clear (values are hashed).
     secret_env_patterns: tuple[str, ...] = field(
         default=("*TOKEN*", "*SECRET*", "*PASSWORD*", "*PASSWD*", "*KEY*", "*CREDENTIAL*", "*AUTH*"))
@@ -39,7 +42,7 @@ class Settings:
 
 
 _PATH_KEYS = {"store", "seal_dir", "state_dir", "log_dir", "runc", "criu"}
-_INT_KEYS = {"max_restore_failures", "dump_timeout_s"}
+_INT_KEYS = {"max_restore_failures", "dump_timeout_s", "restore_timeout_s"}
 
 
 def load(path: Path | None = None) -> Settings:

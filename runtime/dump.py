@@ -18,7 +18,7 @@ from typing import Any
 
 from . import annotations, criu, cuda, gpu, hooks_exec, rootfs, runc, versions
 from .config import Settings
-from .log import Logger
+from .log import Logger, keep_criu_log
 from .phases import Phases
 from .state import ContainerState, StateDir
 from .store import DELETED, DUMP_LOG, ROOTFS_DIFF, Store
@@ -112,7 +112,7 @@ def dump(settings: Settings, g: runc.GlobalOpts, st: ContainerState, sd: StateDi
             if (work / "dump.log").exists():
                 shutil.copyfile(work / "dump.log", tmp / DUMP_LOG)
             if p.returncode != 0:
-                kept = _keep_log(settings, st.container_id, work / "dump.log")
+                kept = keep_criu_log(settings.log_dir, "dump", st.container_id, work / "dump.log")
                 return DumpResult(False, f"runc checkpoint failed (exit {p.returncode}): "
                                          f"{_last_error(p.stderr, work / 'dump.log')}"
                                          + (f" (CRIU log: {kept})" if kept else ""))
@@ -144,18 +144,6 @@ def dump(settings: Settings, g: runc.GlobalOpts, st: ContainerState, sd: StateDi
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(work, ignore_errors=True)
-
-
-def _keep_log(settings: Settings, container_id: str, log_file: Path) -> Path | None:
-    """A failed dump's CRIU log outlives the work dir, under log_dir."""
-    try:
-        settings.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        dst = settings.log_dir / f"dump-{container_id}.log"
-        shutil.copyfile(log_file, dst)
-        dst.chmod(0o600)
-        return dst
-    except OSError:
-        return None
 
 
 def _last_error(stderr: str, criu_log: Path) -> str:

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import runc
+
 RESTORE_ANNOTATION = "warmstart.dev/restore"
 MODES = ("eager", "lazy")
 SOCKET = "lazy-pages.socket"  # CRIU's name, relative to the work dir (CRIU chdirs there)
@@ -184,7 +186,7 @@ def _stop(daemon: subprocess.Popen) -> None:
 
 def run_restore(runc_path: Path, criu: Path, argv: list[str], images: Path, work: Path, spec: dict[str, Any],
                 container_id: str, global_argv: list[str], pid_file: str | None,
-                log: Any = None) -> tuple[subprocess.CompletedProcess, str]:
+                log: Any = None, timeout: float = 90) -> tuple[subprocess.CompletedProcess, str]:
     """`runc restore` (argv from runc.restore_argv, the id last): lazily when asked and possible, else eagerly.
 
     Returns runc's result and how it restored ("lazy", "eager", or "eager after lazy failed: ...").
@@ -197,13 +199,13 @@ def run_restore(runc_path: Path, criu: Path, argv: list[str], images: Path, work
             daemon.start()
             if log is not None:
                 log.context["lazy_daemon_start_s"] = round(time.perf_counter() - t, 6)
-            p = subprocess.run([str(runc_path)] + argv[:-1] + ["--lazy-pages", argv[-1]], timeout=600)
+            p = runc.run_bounded(runc_path, argv[:-1] + ["--lazy-pages", argv[-1]], timeout)
             pid = _read_pid(pid_file) if p.returncode == 0 else None
             if pid:
                 daemon.hand_over(pid)
                 return p, "lazy"
             why = f"runc restore --lazy-pages failed (exit {p.returncode})"
-        except (OSError, LazyError, subprocess.SubprocessError) as e:
+        except (OSError, LazyError, subprocess.SubprocessError, runc.Timeout) as e:
             why = f"{type(e).__name__}: {e}"
         finally:
             daemon.abandon()
@@ -220,7 +222,7 @@ def run_restore(runc_path: Path, criu: Path, argv: list[str], images: Path, work
         if log is not None:
             log.warning(f"lazy restore failed, restoring eagerly: {why}")
         why = f"eager after lazy failed: {why}"
-    return subprocess.run([str(runc_path)] + argv, timeout=600), why
+    return runc.run_bounded(runc_path, argv, timeout), why
 
 
 def _read_pid(pid_file: str | None) -> int | None:

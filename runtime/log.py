@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,26 @@ from typing import Any
 def _now() -> str:
     t = time.time()
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
+
+
+KEEP_CRIU_LOGS = 200  # per kind (dump-*, restore-*): one per container id would grow without bound
+
+
+def keep_criu_log(log_dir: Path, kind: str, container_id: str, src: Path) -> Path | None:
+    """Copy a CRIU log out of a work dir that is about to go, keeping only the newest of its kind."""
+    if not src.exists():
+        return None
+    try:
+        log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        dst = log_dir / f"{kind}-{container_id}.log"
+        shutil.copyfile(src, dst)
+        dst.chmod(0o600)
+        old = sorted(log_dir.glob(f"{kind}-*.log"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for stale in old[KEEP_CRIU_LOGS:]:
+            stale.unlink(missing_ok=True)
+        return dst
+    except OSError:
+        return None  # logging must never break a container operation
 
 
 def _append(path: Path, line: str) -> None:

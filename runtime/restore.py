@@ -17,7 +17,7 @@ from typing import Any
 
 from . import annotations, criu, cuda, gpu, hooks_exec, lazy, mounts, rootfs, runc, versions
 from .config import Settings
-from .log import Logger
+from .log import Logger, keep_criu_log
 from .phases import Phases
 from .state import ContainerState, StateDir
 from .store import DELETED, ROOTFS_DIFF, CheckpointError, Store
@@ -127,7 +127,7 @@ def restore(settings: Settings, g: runc.GlobalOpts, c: runc.CreateArgs, spec: di
                 argv = runc.restore_argv(g, settings.criu, c, ckpt.path, work, extra=["--no-subreaper"])
                 # stdio inherited: runc hands our fds 0-2 (the shim's pipes) to the restored process
                 p, how = lazy.run_restore(settings.runc, settings.criu, argv, ckpt.path, work, spec, c.id,
-                                          g.argv, c.pid_file, log)  # eager unless warmstart.dev/restore: lazy
+                                          g.argv, c.pid_file, log, timeout=settings.restore_timeout_s)
             log.context["restore_mode"] = how
             if p.returncode != 0:
                 raise RestoreFailed(f"runc restore failed (exit {p.returncode}): {_reason(g.log, work)}")
@@ -149,13 +149,15 @@ def restore(settings: Settings, g: runc.GlobalOpts, c: runc.CreateArgs, spec: di
             (sd.path / lazy.RESTORED_MARKER).touch()  # launch.py: `start` is then a no-op without imports
             return RestoreResult(True, f"restored from {cid} (verified by {ckpt.verified_by})", ph.timings, pid)
         except (CheckpointError, rootfs.RootfsError) as e:
-            _cleanup(settings, g, c, rootfs_dir, journal if applied else None, log)
+            _cleanup(settings, g, c, rootfs_dir, journal if applied else None, log, st.cgroup_path, work)
             return RestoreResult(False, f"checkpoint {cid} refused: {e}", ph.timings)
         except Exception as e:  # noqa: BLE001 - any failure: undo and start cold
-            _cleanup(settings, g, c, rootfs_dir, journal if applied else None, log)
+            _cleanup(settings, g, c, rootfs_dir, journal if applied else None, log, st.cgroup_path, work)
             _keep_logs(settings, c.id, work)
             q = store.record_restore(cid, False, str(e)[:300])
             extra = " (now quarantined)" if q.get("quarantined") else ""
+            if q.get("not_recorded"):
+                extra += f" (the failure count could not be stored: {q['not_recorded']})"
             return RestoreResult(False, f"restore from {cid} failed{extra}: {e}", ph.timings)
 
 
@@ -247,23 +249,20 @@ def _reason(runc_log: str | None, work: Path) -> str:
 
 def _keep_logs(settings: Settings, container_id: str, work: Path) -> None:
     """CRIU's restore.log outlives the work dir under log_dir (the operator's first question)."""
-    src = work / "restore.log"
-    if src.exists():
-        try:
-            settings.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            dst = settings.log_dir / f"restore-{container_id}.log"
-            shutil.copyfile(src, dst)
-            dst.chmod(0o600)
-        except OSError:
-            pass
+    keep_criu_log(settings.log_dir, "restore", container_id, work / "restore.log")
 
 
 def _cleanup(settings: Settings, g: runc.GlobalOpts, c: runc.CreateArgs, rootfs_dir: Path,
-             journal: rootfs.Journal | None, log: Logger) -> None:
+             journal: rootfs.Journal | None, log: Logger, cgroup: str | None = None,
+             work: Path | None = None) -> None:
     """Leave nothing of a failed attempt: runc state (and its cgroup), the pid file, rootfs changes."""
     p = runc.run(settings.runc, g.argv + ["delete", "--force", c.id], timeout=60)
     if p.returncode != 0 and "does not exist" not in (p.stderr or "") and "not exist" not in (p.stderr or ""):
         log.warning("cleanup: runc delete --force after failed restore", stderr=(p.stderr or "")[-300:])
+    if cgroup:
+        _kill_cgroup(cgroup, log)  # a killed CRIU leaves restored tasks runc never recorded (reliability suite)
+    if work is not None:
+        _umount_under(work, log)  # ... and its cgroup yard mounted under the work dir
     if c.pid_file:
         Path(c.pid_file).unlink(missing_ok=True)
     if journal is not None:
@@ -271,3 +270,64 @@ def _cleanup(settings: Settings, g: runc.GlobalOpts, c: runc.CreateArgs, rootfs_
             rootfs.undo(rootfs_dir, journal)
         except Exception as e:  # noqa: BLE001
             log.error("cleanup: could not undo the rootfs diff", error=str(e))
+
+
+def _cgroup_dirs(cgroup: str) -> list[Path]:
+    rel = cgroup.strip("/")
+    base = Path("/sys/fs/cgroup")
+    if not rel or ".." in rel.split("/"):
+        return []
+    if versions.cgroup_version() == 2:
+        cands = [base / rel]
+    else:
+        cands = [d / rel for d in base.iterdir() if d.is_dir() and not d.is_symlink()]
+    return [d for d in cands if (d / "cgroup.procs").is_file()]
+
+
+def _kill_cgroup(cgroup: str, log: Logger) -> None:
+    """SIGKILL every process in the new container's cgroup (thawed first): no container owns them yet."""
+    import signal  # noqa: PLC0415
+    import time  # noqa: PLC0415
+    dirs = _cgroup_dirs(cgroup)
+    for d in dirs:
+        for name, val in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
+            try:
+                (d / name).write_text(val)
+            except OSError:
+                pass
+    killed: set[int] = set()
+    pids: set[int] = set()
+    for _ in range(100):
+        pids = set()
+        for d in dirs:
+            try:
+                pids |= {int(x) for x in (d / "cgroup.procs").read_text().split()}
+            except (OSError, ValueError):
+                pass
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+    if killed:
+        log.warning(f"cleanup: killed {len(killed)} process(es) the failed restore left in cgroup {cgroup}",
+                    still_there=len(pids))
+
+
+def _umount_under(work: Path, log: Logger) -> None:
+    """Lazily unmount what a killed CRIU left mounted under the work dir (.criu.cgyard.*), deepest first."""
+    import subprocess  # noqa: PLC0415
+    prefix = os.path.realpath(work) + "/"
+    try:
+        with open("/proc/self/mountinfo") as f:
+            points = [rootfs._unescape(ln.split()[4]) for ln in f if len(ln.split()) > 4]
+    except OSError:
+        return
+    for mp in sorted({m for m in points if m.startswith(prefix)}, key=len, reverse=True):
+        p = subprocess.run(["umount", "-l", mp], capture_output=True, text=True)
+        if p.returncode != 0:
+            log.warning(f"cleanup: could not unmount {mp}", stderr=p.stderr[-200:])

@@ -314,7 +314,14 @@ def apply(rootfs: Path, tar_path: Path, deleted_path: Path, journal: Journal) ->
                 continue  # already gone
             try:
                 if _save(rootfs, rel, journal):
-                    _remove_at(dfd, name)
+                    try:
+                        _remove_at(dfd, name)
+                    except OSError:
+                        if not stat.S_ISDIR(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode):
+                            # one unlink failed (e.g. EROFS): nothing changed, so nothing for undo to put back
+                            journal.saved.remove(rel)
+                            (journal.backup / rel).unlink(missing_ok=True)
+                        raise
             finally:
                 os.close(dfd)
         with tarfile.open(tar_path, "r:") if tar_path.exists() else _empty() as tar:

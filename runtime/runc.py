@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +120,31 @@ def run(runc: Path, argv: list[str], timeout: float | None = None,
         capture: bool = True) -> subprocess.CompletedProcess:
     """Run runc; stdin is inherited only when we replace create (the container's stdio)."""
     return subprocess.run([str(runc)] + argv, capture_output=capture, text=True, timeout=timeout)
+
+
+class Timeout(Exception):
+    """runc (and the CRIU it started) ran past its deadline and was killed."""
+
+
+def run_bounded(runc: Path, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run runc with inherited stdio in its own process group; past the deadline, kill the whole group.
+
+    `runc restore` waits on CRIU's forked restore worker and the two can wait on
+    each other forever when CRIU dies half-way; killing runc alone leaves CRIU
+    behind.  The restored tasks are not in this group (CRIU gives them their
+    dumped session and group), so only runc and CRIU die here.
+    """
+    p = subprocess.Popen([str(runc)] + argv, process_group=0)
+    try:
+        return subprocess.CompletedProcess(p.args, p.wait(timeout=timeout))
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
+        raise Timeout(f"runc {argv[len(argv) - 1] if argv else ''}: killed after {timeout:.0f}s "
+                      "(restore_timeout_s in the config)") from None
 
 
 def state(runc: Path, g: GlobalOpts, cid: str) -> dict | None:

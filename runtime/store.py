@@ -111,8 +111,18 @@ class Store:
     @contextmanager
     def lock(self, cid: str, exclusive: bool = True, blocking: bool = False) -> Iterator[bool]:
         """Yields True when the lock is held, False when someone else holds it (non-blocking)."""
-        self.ensure()
-        fd = os.open(self.root / ".locks" / f"{validate_id(cid)}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        lock_path = self.root / ".locks" / f"{validate_id(cid)}.lock"
+        try:
+            self.ensure()
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            if e.errno != errno.EROFS or exclusive:
+                raise
+            try:  # a read-only store can still be restored from: flock works on a read-only fd
+                fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                yield True  # no lock file on a read-only store: nothing can remove the checkpoint anyway
+                return
         try:
             flags = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
             try:
@@ -277,16 +287,20 @@ class Store:
             return {"failures": 0, "quarantined": False}
 
     def record_restore(self, cid: str, ok: bool, reason: str | None = None) -> dict[str, Any]:
-        self.ensure()
         if ok:
-            self._qpath(cid).unlink(missing_ok=True)
+            if self._qpath(cid).exists():  # unlink(missing_ok) still fails with EROFS on a read-only store
+                self._qpath(cid).unlink(missing_ok=True)
             return {"failures": 0, "quarantined": False}
         q = self.quarantine_state(cid)
         q["failures"] = int(q.get("failures", 0)) + 1
         q["last_error"] = reason
         q["last_failure"] = time.time()
         q["quarantined"] = q["failures"] >= self.settings.max_restore_failures
-        write_json_atomic(self._qpath(cid), q)
+        try:
+            self.ensure()
+            write_json_atomic(self._qpath(cid), q)
+        except OSError as e:  # a read-only store: the failure still counts for this attempt's message
+            q["not_recorded"] = f"{type(e).__name__}: {e.strerror or e}"
         return q
 
     def record_dump_failure(self, cid: str, reason: str) -> None:

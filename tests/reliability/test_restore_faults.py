@@ -1,0 +1,202 @@
+"""Faults during a restore: CRIU killed, a mount missing, a rootfs the diff cannot apply to, a read-only
+rootfs; then quarantine after consecutive failures and its operator clear.
+
+Expect: a cold start (`create` succeeds, the workload starts fresh), the rootfs exactly as before the
+attempt, nothing of the attempt left (processes, mounts, cgroups, runc and warmstart state) and the reason
+logged.  Right after `create` and before `start`, no workload process may exist at all: the cold
+container's process is still `runc init`, so any process running the workload is a leftover.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from reliability_lib import (RNode, ann, shim, assert_clean, count, make_checkpoint, rootfs_listing, tagged_pids,
+                      write_criu_wrapper)
+
+pytestmark = [pytest.mark.reliability]
+BIG = 256 << 20
+
+
+def wait_no_tagged(node: RNode, timeout: float = 5) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while (left := tagged_pids(node.tag)) and time.monotonic() < deadline:
+        shim.reap()
+        time.sleep(0.05)
+    return left
+
+
+def describe(pids: set[int]) -> list[str]:
+    out = []
+    for pid in pids:
+        try:
+            st = {k: v.strip() for k, v in (ln.split(":", 1) for ln in Path(f"/proc/{pid}/status").read_text().splitlines())}
+            cg = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+            out.append(f"{pid} state={st.get('State')} ppid={st.get('PPid')} nspid={st.get('NSpid')} "
+                       f"cgroup={[c for c in cg if 'freezer' in c or 'pids' in c]}")
+        except OSError as e:
+            out.append(f"{pid}: {e}")
+    return out
+
+
+def cold_after_failed_restore(node: RNode, short: str, cid: str, dumped: dict, needle: str,
+                              expect_workload: bool = True, prepare=None, check=None) -> list[str]:
+    c = node.ctr(short, ann(cid), size=BIG)
+    if prepare:
+        prepare(c)
+    rootfs = c.bundle / "rootfs"
+    listing = rootfs_listing(rootfs)
+    since = len(node.runtime_log())
+    c.create()
+    assert check is None or check(), f"fault not injected: {node.runtime_log()[since:]}"
+    assert rootfs_listing(rootfs) == listing, f"the failed restore changed the rootfs: {node.runtime_log()[since:]}"
+    assert not wait_no_tagged(node), f"processes of the failed restore are left: {describe(tagged_pids(node.tag))}"
+    assert not (node.base / "state" / "containers" / c.id / "rootfs-backup").exists()
+    msgs = node.log_msgs(since)
+    assert any(m.startswith("cold start:") and needle in m for m in msgs), (needle, msgs)
+    c.start()
+    if expect_workload:
+        ready = c.readline()
+        assert ready["event"] == "ready" and ready["random"] != dumped["random"], "not a cold start"
+        assert c.ask()["counter"] == 1
+    c.stop()
+    c.delete()
+    return msgs
+
+
+def test_criu_sigkilled_mid_restore_then_quarantine_then_clear(node: RNode):
+    write_criu_wrapper(node)
+    dumped = make_checkpoint(node, "kr", size=BIG)
+    before = node.snapshot()
+    # three kills at different depths of the restore: namespaces set up, files opened, memory mapped
+    for i, text in enumerate(["Restoring IPC", "Collected pipe data", "Opening 0x"]):
+        name = f"r{i}"
+        (node.bin / "criu-kill-grep").write_text(
+            f"{node.base}/state/containers/{node.name(name)}/work/restore/restore.log|{text}")
+        (node.bin / "criu-killed").unlink(missing_ok=True)
+        cold_after_failed_restore(node, name, "kr", dumped, "restore from kr failed",
+                                  check=lambda: (node.bin / "criu-killed").exists())
+        count("faults.restore")
+        assert_clean(node, before, f"after CRIU was killed at {text!r}")
+    q = json.loads((node.store / ".quarantine" / "kr.json").read_text())
+    assert q["failures"] == 3 and q["quarantined"] is True, q
+    (node.bin / "criu-kill-grep").unlink()
+    calls = (node.bin / "criu-calls").read_text().count("\n")
+    msgs = cold_after_failed_restore(node, "r3", "kr", dumped, "is quarantined after 3 failed restores")
+    assert (node.bin / "criu-calls").read_text().count("\n") == calls, "CRIU ran for a quarantined checkpoint"
+    assert any("warmstart verify --clear kr" in m for m in msgs), msgs
+    listing = json.loads(node.warmstart("list", "--json", check=True).stdout)
+    assert next(r for r in listing if r["id"] == "kr")["status"] == "quarantined"
+    v = node.warmstart("verify", "--clear", "kr")
+    assert v.returncode == 0 and "quarantine cleared" in v.stdout, v.stdout + v.stderr
+    c = node.ctr("r4", ann("kr"), size=BIG)
+    c.create()
+    c.start()
+    got = c.ask()
+    assert got["random"] == dumped["random"] and got["counter"] == dumped["counter"] + 1, "restored after clear"
+    assert not (node.store / ".quarantine" / "kr.json").exists(), "a successful restore resets the count"
+    c.stop()
+    c.delete()
+    assert_clean(node, before, "after the cleared restore")
+
+
+def _add_bind(c, src, dest="/extra"):
+    cfg = json.loads((c.bundle / "config.json").read_text())
+    cfg["mounts"].append({"destination": dest, "type": "bind", "source": str(src), "options": ["rbind", "rw"]})
+    (c.rootfs_dir / dest.lstrip("/")).mkdir(exist_ok=True)
+    (c.bundle / "config.json").write_text(json.dumps(cfg))
+
+
+def test_missing_bind_mount(node: RNode):
+    src = node.base / "extra-src"
+    src.mkdir()
+    c = node.ctr("m0", ann("mnt"), size=BIG)
+    c.rootfs_dir = c.bundle / "rootfs"
+    _add_bind(c, src)
+    c.create()
+    c.start()
+    ready = c.readline()
+    c.ask()
+    assert c.stop().returncode == 0
+    c.delete()
+    assert (node.store / "mnt" / "checkpoint.done").is_file()
+    before = node.snapshot()
+    # the new bundle lacks /extra (the directory exists in its rootfs, the mount does not)
+    cold_after_failed_restore(node, "m1", "mnt", {"random": ready["random"]}, "mnt",
+                              prepare=lambda c: (c.bundle / "rootfs" / "extra").mkdir())
+    count("faults.restore")
+    assert_clean(node, before, "after a restore that lacked a bind mount")
+
+
+def test_diff_needs_a_dir_where_the_new_rootfs_has_a_file(node: RNode):
+    dumped = make_checkpoint(node, "nd", size=BIG)
+    before = node.snapshot()
+
+    def data_is_a_file(c):
+        (c.bundle / "rootfs" / "data").rmdir()
+        (c.bundle / "rootfs" / "data").write_text("I am a file\n")
+    # the cold workload cannot write /data/written.txt either: it exits; create and the refusal matter here
+    cold_after_failed_restore(node, "n1", "nd", dumped, "parent 'data' is not a plain directory",
+                              expect_workload=False, prepare=data_is_a_file)
+    count("faults.restore")
+    assert_clean(node, before, "after a diff that could not apply")
+    q = node.store / ".quarantine" / "nd.json"
+    assert not q.exists(), "a refusal for this rootfs must not count against the checkpoint"
+
+
+def test_read_only_rootfs(node: RNode):
+    dumped = make_checkpoint(node, "ro", size=BIG)
+    before = node.snapshot()
+
+    def ro(c):
+        r = c.bundle / "rootfs"
+        subprocess.run(["mount", "--bind", str(r), str(r)], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(r)], check=True)
+        node.mounts.append(r)
+    msgs = cold_after_failed_restore(node, "o1", "ro", dumped, "Read-only file system", expect_workload=False,
+                                     prepare=ro)
+    count("faults.restore")
+    errors = [r for r in node.runtime_log() if r.get("level") == "error"]
+    assert not errors, f"cleanup reported errors on a rootfs it never changed: {errors}"
+    subprocess.run(["umount", str(node.mounts.pop())], check=True)
+    assert_clean(node, before, "after a restore onto a read-only rootfs")
+    assert msgs
+
+
+def test_restore_from_a_read_only_store(node: RNode):
+    """restore.py reads images in place "so the checkpoint may sit on a read-only store": check it does."""
+    dumped = make_checkpoint(node, "rostore")
+    subprocess.run(["mount", "--bind", str(node.store), str(node.store)], check=True)
+    node.mounts.append(node.store)
+    subprocess.run(["mount", "-o", "remount,bind,ro", str(node.store)], check=True)
+    c = node.ctr("q1", ann("rostore"))
+    since = len(node.runtime_log())
+    c.create()
+    count("faults.restore")
+    c.start()
+    got = c.ask()
+    msgs = node.log_msgs(since)
+    rl = [l for f in (node.base / "logs").glob("restore-*") for l in f.read_text().splitlines() if "Error" in l]
+    assert got["random"] == dumped["random"], f"cold start from a read-only store: {msgs} {rl}"
+    c.stop()
+    c.delete()
+
+
+def test_restore_past_its_deadline_is_killed_and_starts_cold(node):
+    """A restore that hangs (here: a CRIU that sleeps) is killed with its whole process group at
+    restore_timeout_s, inside kubelet's deadline, and the container starts cold."""
+    write_criu_wrapper(node)
+    dumped = make_checkpoint(node, "slow", size=BIG)
+    before = node.snapshot()
+    node.set_config(restore_timeout_s=2)
+    (node.bin / "criu-sleep-swrk").write_text("60")
+    t = time.monotonic()
+    cold_after_failed_restore(node, "late", "slow", dumped, "killed after 2s")
+    assert time.monotonic() - t < 30, "create waited for the hung restore"
+    sleeping = subprocess.run(["pgrep", "-f", f"{node.bin}/criu"], capture_output=True, text=True).stdout.split()
+    assert not sleeping, f"the hung CRIU survived: {sleeping}"
+    count("faults.restore")
+    assert_clean(node, before, "after a restore timed out")
