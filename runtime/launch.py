@@ -70,21 +70,22 @@ def needs_intercept(argv, sub_i, settings):
         except OSError:
             return False
     # start/kill/delete: only containers we created carry a state dir.
-    positional = [a for a in rest if not a.startswith("-")]
-    if not positional:
-        return False
-    cid = positional[0]
-    if "/" in cid or cid in (".", ".."):
-        return False
-    return os.path.isdir(os.path.join(settings["state_dir"], "containers", cid))
+    state = container_state_dir(argv, sub_i, settings)
+    return state is not None and os.path.isdir(state)
+
+
+def container_state_dir(argv, sub_i, settings):
+    """warmstart's state dir for the container a start/kill/delete names (None for a bad id)."""
+    positional = [a for a in argv[sub_i + 1:] if not a.startswith("-")]
+    if not positional or "/" in positional[0] or positional[0] in (".", ".."):
+        return None
+    return os.path.join(settings["state_dir"], "containers", positional[0])
 
 
 def restored(argv, sub_i, settings):
     """`start` of a container warmstart restored (restore.py leaves a marker in its state dir)."""
-    positional = [a for a in argv[sub_i + 1:] if not a.startswith("-")]
-    if len(positional) != 1 or "/" in positional[0] or positional[0] in (".", ".."):
-        return False
-    return os.path.exists(os.path.join(settings["state_dir"], "containers", positional[0], "restored"))
+    state = container_state_dir(argv, sub_i, settings)
+    return state is not None and os.path.exists(os.path.join(state, "restored"))
 
 
 def main():
