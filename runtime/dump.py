@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import annotations, criu, cuda, gpu, hooks_exec, rootfs, runc, versions
+from . import annotations, criu, cuda, gpu, rootfs, runc, versions
 from .config import Settings
 from .log import Logger, keep_criu_log
 from .phases import Phases
@@ -98,6 +98,7 @@ def dump(settings: Settings, g: runc.GlobalOpts, st: ContainerState, sd: StateDi
             hooks = annotations.worker_hooks(spec.get("annotations") or {})
             if hooks.pre_dump is not None:  # e.g. vLLM sleep: a failure means no checkpoint, a plain stop
                 with ph("pre_dump_hook"):
+                    from . import hooks_exec  # noqa: PLC0415 - http.client and friends: only when used
                     hooks_exec.run(hooks.pre_dump, settings.runc, g, st.container_id, spec, hooks.timeout_s)
             if cuda.wanted(spec):
                 with ph("cuda_checkpoint"):

@@ -28,6 +28,7 @@ restore needs each of them to be reproducible in the new container:
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import criu, rootfs
+from .store import write_json_atomic
 
 # The three path formats of the toolkit's hook tmpfs (resolved: /var/run is usually a link to /run).
 CTK_HOOK_RE = re.compile(r"^(?:/var)?/run/nvidia-ctk-hook(?:[0-9A-Za-z-]+|/[^/]+)?$")
@@ -64,13 +66,37 @@ def spec_destinations(spec: dict[str, Any]) -> set[str]:
     return {_norm(m.get("destination", "")) for m in spec.get("mounts") or [] if m.get("destination")}
 
 
-def plan(image_dir: Path, spec: dict[str, Any], proc_root: Path = Path("/proc")) -> MountPlan:
-    """Read the checkpoint's mount entries and decide (see the module doc)."""
+def plan(image_dir: Path, spec: dict[str, Any], proc_root: Path = Path("/proc"),
+         cache: Path | None = None, key: str = "") -> MountPlan:
+    """Read the checkpoint's mount entries and decide (see the module doc).
+
+    Decoding the images loads pycriu and protobuf (~50 ms); with `cache` (a node-local
+    file) and `key` (the verified checkpoint's metadata hash) that happens once per checkpoint.
+    """
     try:
-        entries = criu.mount_entries(image_dir)
+        entries = _cached_entries(cache, key) if cache and key else None
+        if entries is None:
+            entries = criu.mount_entries(image_dir)
+            if cache and key:
+                _store_entries(cache, key, entries)
     except Exception as e:  # noqa: BLE001 - an unreadable image: refuse rather than let CRIU fail late
         return MountPlan(reason=f"cannot read the checkpoint's mount images: {type(e).__name__}: {e}")
     return plan_entries(entries, spec, proc_root)
+
+
+def _cached_entries(cache: Path, key: str) -> list[dict[str, Any]] | None:
+    try:
+        data = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("entries") if isinstance(data, dict) and data.get("key") == key else None
+
+
+def _store_entries(cache: Path, key: str, entries: list[dict[str, Any]]) -> None:
+    try:
+        write_json_atomic(cache, {"key": key, "entries": entries})
+    except (OSError, TypeError, ValueError):
+        pass  # only a cache
 
 
 def plan_entries(entries: list[dict[str, Any]], spec: dict[str, Any],

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import annotations, criu, cuda, gpu, hooks_exec, lazy, mounts, rootfs, runc, versions
+from . import annotations, criu, cuda, gpu, lazy, mounts, rootfs, runc, versions
 from .config import Settings
 from .log import Logger, keep_criu_log
 from .phases import Phases
@@ -101,7 +101,8 @@ def restore(settings: Settings, g: runc.GlobalOpts, c: runc.CreateArgs, spec: di
             with ph("compatible"):
                 why = incompatibility(ckpt.metadata, spec, versions.node_versions(settings.runc, settings.criu,
                                                                                     cache_dir=settings.state_dir))
-                mplan = mounts.plan(ckpt.path, spec)  # mounts the new container lacks: refused here
+                mplan = mounts.plan(ckpt.path, spec, cache=store.derived_cache(ckpt, "mounts"),
+                                    key=ckpt.metadata_sha256)  # mounts the new container lacks: refused here
                 here_gpu = gpu.for_container(gpu.node_inventory(), spec) if ckpt.metadata.get("gpu") else None
                 why = why or mplan.reason or gpu.incompatibility(ckpt.metadata.get("gpu"), here_gpu)
             if why:
@@ -142,6 +143,7 @@ def restore(settings: Settings, g: runc.GlobalOpts, c: runc.CreateArgs, spec: di
             hooks = annotations.worker_hooks(spec.get("annotations") or {})
             if hooks.post_restore is not None:  # e.g. vLLM wake_up; a failure is a failed restore (cold start)
                 with ph("post_restore_hook"):
+                    from . import hooks_exec  # noqa: PLC0415 - http.client and friends: only when used
                     hooks_exec.run(hooks.post_restore, settings.runc, g, c.id, spec, hooks.timeout_s, pid=pid)
             ph.timings.update({f"criu_{k}": v for k, v in criu.restore_stats(work).items() if k.endswith("_time")})
             store.record_restore(cid, True)

@@ -53,6 +53,7 @@ class Checkpoint:
     path: Path
     metadata: dict[str, Any]
     verified_by: str  # "seal" or "hash"
+    metadata_sha256: str = ""  # identifies this exact checkpoint: a key for what is derived from it
 
 
 def _fsync_path(path: Path, directory: bool = False) -> None:
@@ -198,6 +199,7 @@ class Store:
             existed = self.path(cid).exists() or self.path(cid).is_symlink()
             self._discard(self.path(cid))
             (self.seal_dir / f"{cid}.json").unlink(missing_ok=True)
+            (self.seal_dir / f"{cid}.mounts.json").unlink(missing_ok=True)
             (self.root / ".quarantine" / f"{cid}.json").unlink(missing_ok=True)
             return existed
 
@@ -253,12 +255,16 @@ class Store:
             seal = json.loads((self.seal_dir / f"{cid}.json").read_text())
             if hashlib.sha256(raw).hexdigest() == seal.get("metadata_sha256"):
                 try:
-                    return Checkpoint(cid, path, json.loads(raw), "seal")
+                    return Checkpoint(cid, path, json.loads(raw), "seal", seal["metadata_sha256"])
                 except ValueError:
                     pass  # cannot happen for a sealed file; fall through to the full check
         metadata = verify_dir(path, cid)
         self.seal(cid, path, metadata)
-        return Checkpoint(cid, path, metadata, "hash")
+        return Checkpoint(cid, path, metadata, "hash", sha256_file(path / METADATA))
+
+    def derived_cache(self, ckpt: Checkpoint, name: str) -> Path:
+        """A node-local file for data derived from a verified checkpoint (keyed by its metadata hash)."""
+        return self.seal_dir / f"{ckpt.id}.{name}.json"
 
     def adopt(self, cid: str, tmp: Path) -> Path:
         """Move a checkpoint that came from elsewhere (a registry) into place, after a full check in tmp."""
