@@ -13,6 +13,7 @@ from enum import Enum
 from typing import Any
 
 from . import identity as ident
+from .seed import container_env
 
 PREFIX = "warmstart.dev/"
 CHECKPOINT = PREFIX + "checkpoint"
@@ -104,7 +105,7 @@ def policy_from_spec(spec: dict[str, Any]) -> Policy | None:
         return Policy(mode, cid, "id", identity)
     if identity is not None:
         return Policy(mode, ident.identity_hash(identity), "identity", identity)
-    env_hash = _env(spec).get("DYN_CHECKPOINT_HASH")
+    env_hash = container_env(spec).get("DYN_CHECKPOINT_HASH")
     if env_hash:
         return Policy(mode, validate_id(env_hash, "env DYN_CHECKPOINT_HASH"), "env")
     return Policy(mode, ident.fallback_hash(spec), "auto")
@@ -135,11 +136,3 @@ def worker_hooks(ann: dict[str, Any]) -> WorkerHooks:
     except ValueError as e:
         raise AnnotationError(f"{HOOK_TIMEOUT}: {e}") from None
     return WorkerHooks(timeout_s=timeout, **out)
-
-
-def _env(spec: dict[str, Any]) -> dict[str, str]:
-    out = {}
-    for e in (spec.get("process") or {}).get("env") or []:
-        k, _, v = str(e).partition("=")
-        out[k] = v
-    return out

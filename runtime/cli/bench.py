@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .preflight import ready_to_run
+
 RUNTIME = Path("/usr/local/bin/warmstart-runtime")
 BENCH_CACHE = Path("/var/cache/warmstart/bench")
 PODMAN_GLOBAL = ["--cgroup-manager", "cgroupfs", "--runtime", "runc"]
@@ -722,11 +724,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if os.geteuid() != 0:
-        print("warmstart bench: must run as root (runc, CRIU, podman, mounts)", file=sys.stderr)
-        return 2
-    if not args.runtime.exists():
-        print(f"warmstart bench: {args.runtime} not found; run install.sh first", file=sys.stderr)
+    if not ready_to_run("bench", args.runtime, "runc, CRIU, podman, mounts"):
         return 2
     if args.plot:
         try:

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import secrets
 import shutil
-import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .preflight import ready_to_run
 
 RUNTIME = Path("/usr/local/bin/warmstart-runtime")
 PORT = 8080
@@ -206,11 +206,7 @@ class Demo:
 def run(args: argparse.Namespace) -> int:
     from ..cri.containerd import Containerd  # noqa: PLC0415
 
-    if os.geteuid() != 0:
-        print("warmstart demo: must run as root (it starts containerd, runc and CRIU)", file=sys.stderr)
-        return 2
-    if not args.runtime.exists():
-        print(f"warmstart demo: {args.runtime} not found; run install.sh first", file=sys.stderr)
+    if not ready_to_run("demo", args.runtime, "it starts containerd, runc and CRIU"):
         return 2
     say = Progress()
     work = Path(tempfile.mkdtemp(prefix="warmstart-demo-"))
