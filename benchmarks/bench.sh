@@ -1,6 +1,6 @@
 #!/bin/bash
 # Reproduce benchmarks/README.md: the full comparison (1 GiB and 4 GiB of worker state), as root,
-# on a quiet machine, after `bash install.sh` (+ `apt-get install podman` and matplotlib in the venv).
+# on a quiet machine, after `bash install.sh` (it installs podman and matplotlib too).
 # Quick check instead: benchmarks/bench.sh --sizes 256 --reps 2 --cold-reps 1 --passthrough-reps 4 --pause 0.5
 set -euo pipefail
 cd "$(dirname "$0")"
