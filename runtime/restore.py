@@ -261,6 +261,14 @@ def _cleanup(settings: Settings, g: runc.GlobalOpts, c: runc.CreateArgs, rootfs_
     p = runc.run(settings.runc, g.argv + ["delete", "--force", c.id], timeout=60)
     if p.returncode != 0 and "does not exist" not in (p.stderr or "") and "not exist" not in (p.stderr or ""):
         log.warning("cleanup: runc delete --force after failed restore", stderr=(p.stderr or "")[-300:])
+    leftover = Path(g.root or "/run/runc") / c.id
+    if leftover.is_dir() and not leftover.is_symlink():
+        # a runc restore killed half-way leaves a state dir (with the rootfs bind-mounted at criu-root)
+        # that `delete --force` cannot parse; the cold `runc create` that follows would fail on it
+        # ("container with given ID already exists")
+        _umount_under(leftover, log)
+        shutil.rmtree(leftover, ignore_errors=True)
+        log.warning(f"cleanup: removed runc state {leftover} left by the killed restore")
     if cgroup:
         _kill_cgroup(cgroup, log)  # a killed CRIU leaves restored tasks runc never recorded (reliability suite)
     if work is not None:
@@ -321,7 +329,7 @@ def _kill_cgroup(cgroup: str, log: Logger) -> None:
 
 
 def _umount_under(work: Path, log: Logger) -> None:
-    """Lazily unmount what a killed CRIU left mounted under the work dir (.criu.cgyard.*), deepest first."""
+    """Lazily unmount what a killed restore left mounted below `work` (CRIU's cgroup yard, runc's criu-root)."""
     import subprocess  # noqa: PLC0415
     prefix = os.path.realpath(work) + "/"
     try:
