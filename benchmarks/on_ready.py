@@ -42,13 +42,18 @@ def main() -> None:
         images.ensure_pause_image(ctrd)
         image = images.ensure_worker_image(ctrd)
         with ctrd.client(timeout=300) as cri:
-            pod1 = cri.run_pod_sandbox("first", runtime_handler="warmstart", annotations=ann)
-            c1 = cri.create_container(pod1, "worker", image, args=wargs, annotations=ann)
-            ip1 = cri.pod_ip(pod1.id)
+            def start(name: str) -> tuple[str, str, float]:
+                """A pod with the worker; StartContainer timed to /ready."""
+                pod = cri.run_pod_sandbox(name, runtime_handler="warmstart", annotations=ann)
+                ctr = cri.create_container(pod, "worker", image, args=wargs, annotations=ann)
+                ip = cri.pod_ip(pod.id)
+                t0 = time.monotonic()
+                cri.start_container(ctr)
+                wait_http(ip, PORT, "/ready", timeout=1800)
+                return ctr, ip, time.monotonic() - t0
+
+            c1, ip1, out["cold_start_s"] = start("first")
             t = time.monotonic()
-            cri.start_container(c1)
-            wait_http(ip1, PORT, "/ready", timeout=1800)
-            out["cold_start_s"] = time.monotonic() - t
             lat: list[float] = []
             fails: list[str] = []
             stop = threading.Event()
@@ -75,13 +80,7 @@ def main() -> None:
             out.update(pause_s=ck["pause_s"], checkpoint_phases=ck.get("phases"), requests_ok=len(lat),
                        requests_failed=len(fails), max_request_latency_s=max(lat) if lat else None,
                        first_still_running=cri.container_status(c1).running)
-            pod2 = cri.run_pod_sandbox("second", runtime_handler="warmstart", annotations=ann)
-            c2 = cri.create_container(pod2, "worker", image, args=wargs, annotations=ann)
-            ip2 = cri.pod_ip(pod2.id)
-            t = time.monotonic()
-            cri.start_container(c2)
-            wait_http(ip2, PORT, "/ready", timeout=300)
-            out["restore_s"] = time.monotonic() - t
+            c2, ip2, out["restore_s"] = start("second")
             _, body = http_get(ip2, PORT, "/infer")
             out["restored"] = any("restored from" in r.get("msg", "") for r in
                                   (json.loads(x) for x in (node / "logs" / "runtime.log").read_text().splitlines())

@@ -108,11 +108,7 @@ def build_pause_image(*, cache_dir: Path = CACHE_DIR, progress: Progress | None 
             return out
         t = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="ws-pause-", dir=cache_dir) as tmp:
-            layout, bundle = Path(tmp) / "oci", Path(tmp) / "bundle"
-            img = f"{layout}:pause"
-            _run("umoci", "init", "--layout", str(layout))
-            _run("umoci", "new", "--image", img)
-            _run("umoci", "unpack", "--image", img, str(bundle))
+            layout, bundle, img = _new_image(Path(tmp), "pause")
             rootfs = bundle / "rootfs"
             for d in ("bin", "proc", "sys", "dev", "etc", "tmp"):
                 (rootfs / d).mkdir(exist_ok=True)
@@ -193,11 +189,7 @@ def _build_python_base(cache_dir: Path, key: str, mirror: str, progress: Progres
     t = time.monotonic()
     progress(f"debootstrap {SUITE} minbase + {' '.join(BASE_PACKAGES)} from {mirror} (~30 s, once)")
     with tempfile.TemporaryDirectory(prefix="ws-pybase-", dir=cache_dir) as tmp:
-        layout, bundle = Path(tmp) / "oci", Path(tmp) / "bundle"
-        img = f"{layout}:base"
-        _run("umoci", "init", "--layout", str(layout))
-        _run("umoci", "new", "--image", img)
-        _run("umoci", "unpack", "--image", img, str(bundle))
+        layout, bundle, img = _new_image(Path(tmp), "base")
         rootfs = bundle / "rootfs"
         try:
             _run("debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
@@ -217,6 +209,16 @@ def _build_python_base(cache_dir: Path, key: str, mirror: str, progress: Progres
         os.rename(tmp_out, out)
     progress(f"built python base in {time.monotonic() - t:.1f}s -> {out}")
     return out
+
+
+def _new_image(tmp: Path, tag: str) -> tuple[Path, Path, str]:
+    """An empty OCI image `tag` in a fresh layout under tmp, unpacked to a bundle to fill."""
+    layout, bundle = tmp / "oci", tmp / "bundle"
+    img = f"{layout}:{tag}"
+    _run("umoci", "init", "--layout", str(layout))
+    _run("umoci", "new", "--image", img)
+    _run("umoci", "unpack", "--image", img, str(bundle))
+    return layout, bundle, img
 
 
 def _prune_rootfs(rootfs: Path) -> None:
