@@ -418,7 +418,7 @@ def check_passthrough(runtime: Path, runc: Path):
                      f"run `{runtime} --version` by hand to see the error")]
     detail = f"{runtime.name} --version {w:.1f} ms vs runc {r:.1f} ms (+{w - r:.1f} ms per call, best of 5)"
     if w - r > 30:
-        return [warn("runtime.passthrough", detail, "check the shebang (no shim, -I -S) and the config file size")]
+        return [warn("runtime.passthrough", detail, "check the shebang (no shim, python3 -IS) and the config file size")]
     return [ok("runtime.passthrough", detail)]
 
 
