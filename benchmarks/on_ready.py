@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
+import shutil
 import tempfile
 import threading
 import time
@@ -38,6 +39,21 @@ def main() -> None:
            "warmstart.dev/ready-http": f"{PORT}/ready", "warmstart.dev/ready-delay": "1"}
     wargs = ["--port", str(PORT), "--state-mb", str(args.state_mb), "--rounds", str(args.rounds)]
     out: dict = {"state_mb": args.state_mb, "rounds": args.rounds}
+    try:
+        measure(args, work, node, cfg, cid, ann, wargs, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # checkpoints and logs: nothing of the run stays behind
+    args.json.write_text(json.dumps(out, indent=1))
+    print(f"| on-ready, {args.state_mb} MiB worker | seconds |\n|---|---|")
+    print(f"| worker 1 cold start → ready | {out['cold_start_s']:.2f} |")
+    print(f"| worker 1 paused for the checkpoint (CRIU frozen time) | {out['pause_s']:.3f} |")
+    print(f"| slowest request during the checkpoint | {out['max_request_latency_s']:.3f} |")
+    print(f"| requests during the checkpoint: ok / failed | {out['requests_ok']} / {out['requests_failed']} |")
+    print(f"| worker 2 restore → ready | {out['restore_s']:.2f} ({out['speedup']:.1f}x) |")
+
+
+def measure(args: argparse.Namespace, work: Path, node: Path, cfg: Path, cid: str, ann: dict, wargs: list,
+            out: dict) -> None:
     with Containerd(work / "containerd", env={"WARMSTART_CONFIG": str(cfg)}) as ctrd:
         images.ensure_pause_image(ctrd)
         image = images.ensure_worker_image(ctrd)
@@ -87,13 +103,6 @@ def main() -> None:
                                   if r.get("container") == c2)
             out["speedup"] = out["cold_start_s"] / out["restore_s"]
             cri.remove_all()
-    args.json.write_text(json.dumps(out, indent=1))
-    print(f"| on-ready, {args.state_mb} MiB worker | seconds |\n|---|---|")
-    print(f"| worker 1 cold start → ready | {out['cold_start_s']:.2f} |")
-    print(f"| worker 1 paused for the checkpoint (CRIU frozen time) | {out['pause_s']:.3f} |")
-    print(f"| slowest request during the checkpoint | {out['max_request_latency_s']:.3f} |")
-    print(f"| requests during the checkpoint: ok / failed | {out['requests_ok']} / {out['requests_failed']} |")
-    print(f"| worker 2 restore → ready | {out['restore_s']:.2f} ({out['speedup']:.1f}x) |")
 
 
 if __name__ == "__main__":
