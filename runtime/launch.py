@@ -83,7 +83,7 @@ def container_state_dir(argv, sub_i, settings):
 
 
 def restored(argv, sub_i, settings):
-    """`start` of a container warmstart restored (restore.py leaves a marker in its state dir)."""
+    """`start` of a container warmstart restored (the marker is StateDir.restored_marker)."""
     state = container_state_dir(argv, sub_i, settings)
     return state is not None and os.path.exists(os.path.join(state, "restored"))
 

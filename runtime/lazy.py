@@ -35,7 +35,6 @@ SOCKET = "lazy-pages.socket"  # CRIU's name, relative to the work dir (CRIU chdi
 DAEMON_LOG = "lazy-pages.log"
 SOCKET_WAIT_S = 5.0
 GRACE_S = 2.0  # after the container died, before the daemon is killed
-RESTORED_MARKER = "restored"  # in the container's state dir once restored; launch.py reads it
 
 
 def requested(spec: dict[str, Any]) -> bool:
@@ -200,7 +199,7 @@ def run_restore(runc_path: Path, criu: Path, argv: list[str], images: Path, work
             if log is not None:
                 log.context["lazy_daemon_start_s"] = round(time.perf_counter() - t, 6)
             p = runc.run_bounded(runc_path, argv[:-1] + ["--lazy-pages", argv[-1]], timeout)
-            pid = _read_pid(pid_file) if p.returncode == 0 else None
+            pid = runc.read_pid(pid_file) if p.returncode == 0 else None
             if pid:
                 daemon.hand_over(pid)
                 return p, "lazy"
@@ -223,10 +222,3 @@ def run_restore(runc_path: Path, criu: Path, argv: list[str], images: Path, work
             log.warning(f"lazy restore failed, restoring eagerly: {why}")
         why = f"eager after lazy failed: {why}"
     return runc.run_bounded(runc_path, argv, timeout), why
-
-
-def _read_pid(pid_file: str | None) -> int | None:
-    try:
-        return int(Path(pid_file).read_text().strip()) if pid_file else None
-    except (OSError, ValueError):
-        return None

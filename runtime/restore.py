@@ -132,7 +132,7 @@ def restore(settings: Settings, g: runc.GlobalOpts, c: runc.CreateArgs, spec: di
             log.context["restore_mode"] = how
             if p.returncode != 0:
                 raise RestoreFailed(f"runc restore failed (exit {p.returncode}): {_reason(g.log, work)}")
-            pid = _read_pid(c.pid_file)
+            pid = runc.read_pid(c.pid_file)
             with ph("hostname"):
                 _fix_hostname(pid, hostname)
             if (ckpt.metadata.get("dump") or {}).get("cuda"):
@@ -148,7 +148,7 @@ def restore(settings: Settings, g: runc.GlobalOpts, c: runc.CreateArgs, spec: di
             ph.timings.update({f"criu_{k}": v for k, v in criu.restore_stats(work).items() if k.endswith("_time")})
             store.record_restore(cid, True)
             _keep_logs(settings, c.id, work)
-            (sd.path / lazy.RESTORED_MARKER).touch()  # launch.py: `start` is then a no-op without imports
+            sd.restored_marker.touch()  # launch.py: `start` is then a no-op without imports
             return RestoreResult(True, f"restored from {cid} (verified by {ckpt.verified_by})", ph.timings, pid)
         except (CheckpointError, rootfs.RootfsError) as e:
             _cleanup(settings, g, c, rootfs_dir, journal if applied else None, log, st.cgroup_path, work)
@@ -222,13 +222,6 @@ def _fix_hostname(pid: int | None, want: str | None) -> None:
 
 class RestoreFailed(Exception):
     pass
-
-
-def _read_pid(pid_file: str | None) -> int | None:
-    try:
-        return int(Path(pid_file).read_text().strip()) if pid_file else None
-    except (OSError, ValueError):
-        return None
 
 
 def _reason(runc_log: str | None, work: Path) -> str:

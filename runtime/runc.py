@@ -147,6 +147,14 @@ def run_bounded(runc: Path, argv: list[str], timeout: float) -> subprocess.Compl
                       "(restore_timeout_s in the config)") from None
 
 
+def read_pid(pid_file: str | None) -> int | None:
+    """The pid runc wrote to --pid-file (None when absent or unreadable)."""
+    try:
+        return int(Path(pid_file).read_text().strip()) if pid_file else None
+    except (OSError, ValueError):
+        return None
+
+
 def state(runc: Path, g: GlobalOpts, cid: str) -> dict | None:
     p = run(runc, g.argv + ["state", cid])
     if p.returncode != 0:

@@ -50,6 +50,11 @@ class StateDir:
         return self.path / "baseline.json"
 
     @property
+    def restored_marker(self) -> Path:
+        """Exists once the container was restored; launch.py stats this name to answer `start`."""
+        return self.path / "restored"
+
+    @property
     def work(self) -> Path:
         return self.path / "work"
 
