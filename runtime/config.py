@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 DEFAULT_CONFIG = Path("/etc/warmstart/config.toml")
+# Where install.sh puts the launcher: the handler's BinaryName, and what demo/bench/doctor run.
+INSTALLED_RUNTIME = Path("/usr/local/bin/warmstart-runtime")
 
 
 class ConfigError(ValueError):

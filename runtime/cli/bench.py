@@ -38,9 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..config import INSTALLED_RUNTIME
 from .preflight import ready_to_run
 
-RUNTIME = Path("/usr/local/bin/warmstart-runtime")
+RUNTIME = INSTALLED_RUNTIME
 BENCH_CACHE = Path("/var/cache/warmstart/bench")
 PODMAN_GLOBAL = ["--cgroup-manager", "cgroupfs", "--runtime", "runc"]
 PODMAN_RUN = ["--network", "host", "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096"]

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import INSTALLED_RUNTIME
 from .preflight import ready_to_run
 
-RUNTIME = Path("/usr/local/bin/warmstart-runtime")
+RUNTIME = INSTALLED_RUNTIME
 PORT = 8080
 
 

@@ -22,8 +22,10 @@ import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..config import INSTALLED_RUNTIME
+
 CRIU_MIN = (4, 1)
-RUNTIME = Path("/usr/local/bin/warmstart-runtime")
+RUNTIME = INSTALLED_RUNTIME
 DEFAULT_VENV = Path("/opt/warmstart/venv")
 CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
 HANDLER = "warmstart"

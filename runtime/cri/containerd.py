@@ -36,10 +36,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
+from ..config import INSTALLED_RUNTIME
 from .client import CriClient, CriError
 from .images import PAUSE_REF as PAUSE_IMAGE  # the sandbox image the harness builds
 
-DEFAULT_WARMSTART_BINARY = Path("/usr/local/bin/warmstart-runtime")
+DEFAULT_WARMSTART_BINARY = INSTALLED_RUNTIME
 DEFAULT_RUNC_BINARY = Path("/usr/sbin/runc")
 CNI_BIN_DIR = Path("/usr/lib/cni")
 K8S_NAMESPACE = "k8s.io"
