@@ -135,13 +135,19 @@ def assert_clean(node: RNode, before: dict[str, object], what: str = "") -> None
     assert not diff, f"left behind {what}: {diff}"
 
 
-@pytest.fixture
-def node(tmp_path_factory):
+def new_node(tmp_path_factory, name: str) -> RNode:
+    """A private node with its config written; skips the test where the suite cannot run."""
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
-    n = RNode(tmp_path_factory.mktemp("rel"))
+    n = RNode(tmp_path_factory.mktemp(name))
     n.set_config()
+    return n
+
+
+@pytest.fixture
+def node(tmp_path_factory):
+    n = new_node(tmp_path_factory, "rel")
     yield n
     for c in n.containers:
         c.runtime("kill", "--all", c.id, "9", check=False)

@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from reliability_lib import RNode, count, shim, skip_reason
+from reliability_lib import RNode, count, new_node, shim
 
 pytestmark = [pytest.mark.reliability]
 C, ID, IDENT = "warmstart.dev/checkpoint", "warmstart.dev/id", "warmstart.dev/identity"
@@ -53,11 +53,7 @@ CASES: dict[str, tuple[dict[str, str], str | None]] = {
 
 @pytest.fixture(scope="module")
 def anode(tmp_path_factory):
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    n = RNode(tmp_path_factory.mktemp("ann"))
-    n.set_config()
+    n = new_node(tmp_path_factory, "ann")
     yield n
     n.cleanup()
 

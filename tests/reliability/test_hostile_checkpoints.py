@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from reliability_lib import (RNode, ann, count, drop_seal, make_checkpoint, reseal_manifest, rootfs_listing, skip_reason,
+from reliability_lib import (RNode, ann, count, drop_seal, make_checkpoint, new_node, reseal_manifest, rootfs_listing,
                       write_meta)
 
 pytestmark = [pytest.mark.reliability]
@@ -26,11 +26,7 @@ CID = "hostile"
 
 @pytest.fixture(scope="module")
 def hnode(tmp_path_factory):
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    n = RNode(tmp_path_factory.mktemp("hostile"))
-    n.set_config()
+    n = new_node(tmp_path_factory, "hostile")
     n.dumped = make_checkpoint(n, CID)
     n.pristine = n.base / "pristine"
     subprocess.run(["cp", "-a", str(n.store / CID), str(n.pristine)], check=True)
