@@ -26,9 +26,11 @@ CRIU_MIN=4.1
 CRIU_TARBALL="criu_${CRIU_VERSION}.orig.tar.xz"
 CRIU_SHA256=f80a66cb3726bb2116266d4759ce3bcbfab7abdb6b6d430bf20dd41911717afe
 CRIU_SRC="$CACHE/criu-$CRIU_VERSION"
-# Linux >= 6.16 refuses getsockopt(SO_PASSCRED/SO_PASSSEC) on inet sockets; CRIU 4.1.1
-# then fails to dump any process with a TCP socket (criu#2705, fixed upstream after 4.1.1).
-CRIU_PATCH="$REPO_DIR/packaging/criu-4.1.1-so-passcred.patch"
+# warmstart's patches to CRIU 4.1.1, applied in name order:
+# - so-passcred: Linux >= 6.16 refuses getsockopt(SO_PASSCRED/SO_PASSSEC) on inet sockets;
+#   CRIU 4.1.1 then fails to dump any process with a TCP socket (criu#2705, fixed after 4.1.1).
+# - parallel-reads: CRIU_PARALLEL_READS=N spreads an eager restore's page reads over N threads.
+CRIU_PATCHES=("$REPO_DIR"/packaging/criu-"$CRIU_VERSION"-*.patch)
 CRIU_FIXED=4.2
 
 PACKAGES=(runc containerd skopeo umoci busybox-static containernetworking-plugins iproute2 podman docker-registry
@@ -114,8 +116,8 @@ criu_version() { "$1" --version 2>/dev/null | sed -n 's/^Version: *//p' | head -
 version_ge() { dpkg --compare-versions "$1" ge "$2"; }
 
 # criu_usable PATH: executable, version >= CRIU_MIN and 'criu check' passes.
-# Stamp beside a CRIU we built: the hash of the patch it was built with.
-criu_patch_id() { sha256_of "$CRIU_PATCH"; }
+# Stamp beside a CRIU we built: one hash over the patches it was built with.
+criu_patch_id() { cat "${CRIU_PATCHES[@]}" | sha256sum | awk '{print $1}'; }
 
 criu_usable() {
   local bin="$1" v kernel
@@ -125,7 +127,8 @@ criu_usable() {
   kernel="$(uname -r | cut -d- -f1)"
   if version_ge "$kernel" 6.16 && ! version_ge "$v" "$CRIU_FIXED" \
      && [ "$(cat "$bin.warmstart-patch" 2>/dev/null)" != "$(criu_patch_id)" ]; then
-    log "$bin ($v) lacks the SO_PASSCRED fix that kernel $kernel needs; building a patched $CRIU_VERSION"
+    log "$bin ($v) lacks warmstart's current patches (the SO_PASSCRED fix that kernel $kernel needs," \
+        "parallel page reads); building a patched $CRIU_VERSION"
     return 1
   fi
   "$bin" check >/dev/null 2>&1
@@ -214,7 +217,10 @@ build_criu_source() {
   rm -rf "$CRIU_SRC" "$CRIU_SRC.tmp"
   mkdir -p "$CRIU_SRC.tmp"
   tar -xJf "$CACHE/$CRIU_TARBALL" -C "$CRIU_SRC.tmp" --strip-components=1
-  patch -d "$CRIU_SRC.tmp" -p1 --forward --quiet <"$CRIU_PATCH" || die "applying $CRIU_PATCH failed"
+  local patch_file
+  for patch_file in "${CRIU_PATCHES[@]}"; do
+    patch -d "$CRIU_SRC.tmp" -p1 --forward --quiet <"$patch_file" || die "applying $patch_file failed"
+  done
   mv "$CRIU_SRC.tmp" "$CRIU_SRC"
   log "building CRIU $CRIU_VERSION in $CRIU_SRC (make -j$(nproc) criu; make lib)"
   local t=$SECONDS
