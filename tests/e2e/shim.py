@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import prctl
+import pytest
 
 RUNTIME = os.environ.get("WARMSTART_RUNTIME", "/usr/local/bin/warmstart-runtime")
 
@@ -58,6 +59,7 @@ def make_rootfs(base: Path) -> Path:
     (root / "etc" / "todelete").write_text("delete me\n")
     (root / "etc" / "hostname").write_text("template\n")
     (root / "workload.py").write_text(WORKLOAD)
+    (root / "family.py").write_text(FAMILY)
     return root
 
 
@@ -89,6 +91,50 @@ def spec(args: list[str], annotations: dict[str, str], hostname: str, cgroups_pa
             "readonlyPaths": ["/proc/sys", "/proc/sysrq-trigger"],
         },
     }
+
+
+# A process family for restores that read a lot of pages: the root holds a large
+# buffer and two threads, and forked two children (before the buffer) that hold
+# their own.  `check` reports whether every buffer is intact and the threads tick.
+FAMILY = r'''
+import hashlib, json, os, sys, threading, time
+size = int(sys.argv[1])
+kids = []
+for _ in range(2):
+    cmd_r, cmd_w = os.pipe()
+    out_r, out_w = os.pipe()
+    if os.fork() == 0:
+        os.close(cmd_w); os.close(out_r)
+        mine = bytearray(os.urandom(16 << 20))
+        want = hashlib.sha256(mine).hexdigest()
+        with os.fdopen(cmd_r) as cmd, os.fdopen(out_w, "w") as out:
+            for _line in cmd:
+                out.write(json.dumps({"intact": hashlib.sha256(mine).hexdigest() == want}) + "\n")
+                out.flush()
+        os._exit(0)
+    os.close(cmd_r); os.close(out_w)
+    kids.append((os.fdopen(cmd_w, "w"), os.fdopen(out_r)))
+buf = bytearray(os.urandom(size))
+digest = hashlib.sha256(buf).hexdigest()
+ticks = [0, 0]
+def tick(i):
+    while True:
+        ticks[i] += 1
+        time.sleep(0.01)
+threads = [threading.Thread(target=tick, args=(i,), daemon=True) for i in range(2)]
+for t in threads:
+    t.start()
+print(json.dumps({"event": "ready", "token": os.urandom(8).hex()}), flush=True)
+for line in sys.stdin:
+    kids_ok = []
+    for w, r in kids:
+        w.write("check\n"); w.flush()
+        kids_ok.append(json.loads(r.readline())["intact"])
+    seen = list(ticks)
+    time.sleep(0.1)
+    print(json.dumps({"intact": hashlib.sha256(buf).hexdigest() == digest, "kids": kids_ok,
+                      "ticking": all(a != b for a, b in zip(seen, ticks))}), flush=True)
+'''
 
 
 @dataclass
@@ -201,6 +247,12 @@ def become_subreaper() -> None:
     prctl.set_child_subreaper(True)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def subreaper() -> None:
+    """For a test module that plays the shim: `from shim import subreaper` makes it autouse there."""
+    become_subreaper()
+
+
 def reap() -> None:
     while True:
         try:
@@ -265,6 +317,18 @@ class Node:
     def runtime_log(self) -> list[dict]:
         p = self.base / "logs" / "runtime.log"
         return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+
+
+def reseal(node: Node, cid: str) -> None:
+    """After a test edited a checkpoint's files: make its manifest and seal match them, so that
+    verification passes and what meets the damage is the check under test (or CRIU itself)."""
+    from warmstart import config, store
+    path = node.store / cid
+    meta = json.loads((path / "metadata.json").read_text())
+    for name in meta["manifest"]:
+        meta["manifest"][name] = {"sha256": store.sha256_file(path / name), "size": (path / name).stat().st_size}
+    (path / "metadata.json").write_text(json.dumps(meta))
+    store.Store(config.load(node.config)).seal(cid, path, meta)
 
 
 def wait_exit(pid: int, timeout: float = 30) -> bool:

@@ -20,6 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import shim  # noqa: E402
+from shim import subreaper  # noqa: E402, F401 - autouse: this module plays the shim
 
 CRIU = Path("/usr/local/sbin/criu")
 HOOK = Path(__file__).parent / "fixtures" / "fake_ctk_hook.sh"
@@ -48,11 +49,6 @@ for line in sys.stdin:
            "shm": open("/dev/shm/state").read()}
     print(json.dumps(out), flush=True)
 '''
-
-
-@pytest.fixture(scope="module", autouse=True)
-def subreaper():
-    shim.become_subreaper()
 
 
 @pytest.fixture
@@ -134,7 +130,6 @@ def _strip_hook_dirs_from_diff(node: shim.Node, cid: str) -> None:
     """
     import tarfile
 
-    from warmstart import config, store
     path = node.store / cid
     src, dst = path / "rootfs-diff.tar", path / "rootfs-diff.tar.new"
     with tarfile.open(src) as tin, tarfile.open(dst, "w", format=tarfile.PAX_FORMAT) as tout:
@@ -142,11 +137,7 @@ def _strip_hook_dirs_from_diff(node: shim.Node, cid: str) -> None:
             if not m.name.startswith("run/nvidia-ctk-hook"):
                 tout.addfile(m, tin.extractfile(m) if m.isfile() else None)
     dst.replace(src)
-    meta = json.loads((path / "metadata.json").read_text())
-    for name in meta["manifest"]:
-        meta["manifest"][name] = {"sha256": store.sha256_file(path / name), "size": (path / name).stat().st_size}
-    (path / "metadata.json").write_text(json.dumps(meta))
-    store.Store(config.load(node.config)).seal(cid, path, meta)
+    shim.reseal(node, cid)
 
 
 def test_hook_mountpoint_recreated_when_the_rootfs_lacks_it(dnode):

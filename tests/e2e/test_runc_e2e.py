@@ -17,6 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import shim  # noqa: E402
+from shim import subreaper  # noqa: E402, F401 - autouse: this module plays the shim
 
 CRIU = Path("/usr/local/sbin/criu")
 pytestmark = [
@@ -26,11 +27,6 @@ pytestmark = [
     pytest.mark.skipif(not Path(shim.RUNTIME).exists(), reason=f"{shim.RUNTIME} not installed (install.sh)"),
 ]
 ON_STOP = "on-stop"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def subreaper():
-    shim.become_subreaper()
 
 
 @pytest.fixture(params=["dir", "overlay"])
@@ -206,17 +202,9 @@ def test_tampered_metadata_means_cold_start(dnode):
 
 def _reseal_broken(node: shim.Node, cid: str) -> None:
     """A checkpoint whose files are consistent with its manifest but that CRIU cannot restore."""
-    from warmstart import config, store
-    path = node.store / cid
-    core = next(path.glob("core-*.img"))
+    core = next((node.store / cid).glob("core-*.img"))
     core.write_bytes(core.read_bytes()[:64])  # truncated process core: CRIU fails on it
-    meta = json.loads((path / "metadata.json").read_text())
-    for name in meta["manifest"]:
-        meta["manifest"][name] = {"sha256": store.sha256_file(path / name), "size": (path / name).stat().st_size}
-    (path / "metadata.json").write_text(json.dumps(meta))
-    os.environ_backup = dict(os.environ)  # type: ignore[attr-defined]
-    s = store.Store(config.load(node.config))
-    s.seal(cid, path, meta)
+    shim.reseal(node, cid)
 
 
 def test_failed_restore_falls_back_cold_leaves_nothing_and_quarantines(dnode):
