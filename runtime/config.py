@@ -34,6 +34,9 @@ class Settings:
     # Seconds `runc restore` may take inside `create` before runc and CRIU are killed and the
     # container starts cold: below kubelet's runtimeRequestTimeout (2 min), with room for the cold start.
     restore_timeout_s: int = 90
+    # Threads that read the pages of an eager restore (warmstart's CRIU patch): 0 = one per CPU
+    # (at most 8), 1 = CRIU's own single-threaded reads.
+    restore_read_threads: int = 0
     # Env keys never written to metadata in clear (values are hashed).
     secret_env_patterns: tuple[str, ...] = field(
         default=("*TOKEN*", "*SECRET*", "*PASSWORD*", "*PASSWD*", "*KEY*", "*CREDENTIAL*", "*AUTH*"))
@@ -45,6 +48,7 @@ class Settings:
 
 _PATH_KEYS = {"store", "seal_dir", "state_dir", "log_dir", "runc", "criu"}
 _INT_KEYS = {"max_restore_failures", "dump_timeout_s", "restore_timeout_s"}
+_COUNT_KEYS = {"restore_read_threads"}  # 0 allowed: "automatic"
 
 
 def load(path: Path | None = None) -> Settings:
@@ -68,6 +72,10 @@ def load(path: Path | None = None) -> Settings:
         elif key in _INT_KEYS:
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ConfigError(f"{path}: {key} must be a positive integer, got {val!r}")
+            values[key] = val
+        elif key in _COUNT_KEYS:
+            if not isinstance(val, int) or isinstance(val, bool) or not 0 <= val <= 64:
+                raise ConfigError(f"{path}: {key} must be an integer from 0 (automatic) to 64, got {val!r}")
             values[key] = val
         elif key == "secret_env_patterns":
             if not isinstance(val, list) or not all(isinstance(v, str) for v in val):

@@ -7,6 +7,7 @@ its own such file and rewrite it before each operation.
 """
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from dataclasses import dataclass, field
@@ -25,6 +26,12 @@ DUMP_OPTIONS = ["link-remap", "ghost-limit 64M", "skip-in-flight"]  # CRIU spell
 # Restore: connections from the old pod cannot come back in a new network
 # namespace with a new IP; restore them closed so the worker sees a reset.
 RESTORE_OPTIONS = ["tcp-close"]
+# Eager restore is bound by the first touch of fresh memory; warmstart's CRIU
+# patch (packaging/criu-4.1.1-parallel-reads.patch) spreads the root task's page
+# reads over this many threads.  An env var, not a config-file option: a CRIU
+# without the patch ignores it instead of failing the restore.
+PARALLEL_READS_ENV = "CRIU_PARALLEL_READS"
+MAX_READ_THREADS = 8
 
 
 @dataclass
@@ -60,6 +67,18 @@ def restore_config(cgroup_root: str | None, ext_mount_maps: dict[str, str] | Non
     for key, val in (ext_mount_maps or {}).items():
         opts.append(f"ext-mount-map {key}:{val}")
     return CriuConfig(opts)
+
+
+def read_threads(setting: int) -> int:
+    """Threads for the restore's page reads: the config's `restore_read_threads`, 0 = one per CPU."""
+    return setting if setting > 0 else max(1, min(os.cpu_count() or 1, MAX_READ_THREADS))
+
+
+def restore_env(setting: int) -> dict[str, str]:
+    """The environment for an eager `runc restore` (runc hands it on to CRIU)."""
+    env = dict(os.environ)
+    env[PARALLEL_READS_ENV] = str(read_threads(setting))
+    return env
 
 
 @lru_cache(maxsize=4)

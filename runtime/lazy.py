@@ -185,8 +185,11 @@ def _stop(daemon: subprocess.Popen) -> None:
 
 def run_restore(runc_path: Path, criu: Path, argv: list[str], images: Path, work: Path, spec: dict[str, Any],
                 container_id: str, global_argv: list[str], pid_file: str | None,
-                log: Any = None, timeout: float = 90) -> tuple[subprocess.CompletedProcess, str]:
+                log: Any = None, timeout: float = 90,
+                eager_env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, str]:
     """`runc restore` (argv from runc.restore_argv, the id last): lazily when asked and possible, else eagerly.
+
+    `eager_env` is the environment of an eager restore (criu.restore_env).
 
     Returns runc's result and how it restored ("lazy", "eager", or "eager after lazy failed: ...").
     """
@@ -221,4 +224,4 @@ def run_restore(runc_path: Path, criu: Path, argv: list[str], images: Path, work
         if log is not None:
             log.warning(f"lazy restore failed, restoring eagerly: {why}")
         why = f"eager after lazy failed: {why}"
-    return runc.run_bounded(runc_path, argv, timeout), why
+    return runc.run_bounded(runc_path, argv, timeout, env=eager_env), why

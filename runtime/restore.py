@@ -128,7 +128,8 @@ def restore(settings: Settings, g: runc.GlobalOpts, c: runc.CreateArgs, spec: di
                 argv = runc.restore_argv(g, settings.criu, c, ckpt.path, work, extra=["--no-subreaper"])
                 # stdio inherited: runc hands our fds 0-2 (the shim's pipes) to the restored process
                 p, how = lazy.run_restore(settings.runc, settings.criu, argv, ckpt.path, work, spec, c.id,
-                                          g.argv, c.pid_file, log, timeout=settings.restore_timeout_s)
+                                          g.argv, c.pid_file, log, timeout=settings.restore_timeout_s,
+                                          eager_env=criu.restore_env(settings.restore_read_threads))
             log.context["restore_mode"] = how
             if p.returncode != 0:
                 raise RestoreFailed(f"runc restore failed (exit {p.returncode}): {_reason(g.log, work)}")

@@ -126,7 +126,8 @@ class Timeout(Exception):
     """runc (and the CRIU it started) ran past its deadline and was killed."""
 
 
-def run_bounded(runc: Path, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+def run_bounded(runc: Path, argv: list[str], timeout: float,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run runc with inherited stdio in its own process group; past the deadline, kill the whole group.
 
     `runc restore` waits on CRIU's forked restore worker and the two can wait on
@@ -134,7 +135,7 @@ def run_bounded(runc: Path, argv: list[str], timeout: float) -> subprocess.Compl
     behind.  The restored tasks are not in this group (CRIU gives them their
     dumped session and group), so only runc and CRIU die here.
     """
-    p = subprocess.Popen([str(runc)] + argv, process_group=0)
+    p = subprocess.Popen([str(runc)] + argv, process_group=0, env=env)
     try:
         return subprocess.CompletedProcess(p.args, p.wait(timeout=timeout))
     except subprocess.TimeoutExpired:

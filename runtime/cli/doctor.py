@@ -155,6 +155,22 @@ def check_criu_sockopts(criu: Path, ver: tuple, label: str = "criu") -> tuple:
                 f"on kernel {os.uname().release} (criu#2705)", f"{INSTALL_HINT} (it builds a patched CRIU)")
 
 
+def check_parallel_reads(settings) -> tuple:
+    """Eager restores touch every page of fresh memory; warmstart's CRIU patch spreads that over the CPUs."""
+    from ..criu import PARALLEL_READS_ENV, read_threads  # noqa: PLC0415
+    n = read_threads(settings.restore_read_threads)
+    try:
+        patched = PARALLEL_READS_ENV.encode() in settings.criu.read_bytes()
+    except OSError:
+        return warn("criu.parallel_reads", f"cannot read {settings.criu}", "check the criu path in the config")
+    if not patched:
+        return warn("criu.parallel_reads", f"{settings.criu} reads restored pages with one thread (no warmstart patch)",
+                    "`bash install.sh --build-criu` builds CRIU with warmstart's patches")
+    if n < 2:
+        return ok("criu.parallel_reads", "off (restore_read_threads = 1 in the config, or one CPU)")
+    return ok("criu.parallel_reads", f"eager restores read pages with {n} threads (restore_read_threads)")
+
+
 def check_runc(runc: Path):
     if not _is_exec(runc):
         return [fail("runc", f"{runc} not found or not executable",
@@ -469,6 +485,8 @@ def collect(args) -> list[Result]:
         from warmstart.config import Settings  # noqa: PLC0415 - continue with defaults
         settings = Settings()
     results += criu_checks(settings.criu)
+    if settings.criu.exists():
+        results.append(check_parallel_reads(settings))
     results += check_runc(settings.runc)
     results += check_kernel()
     results += check_dirs(settings)

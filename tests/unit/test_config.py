@@ -44,10 +44,20 @@ def test_reads_values(tmp_path, monkeypatch):
     ('secret_env_patterns = "*KEY*"', "secret_env_patterns"),
     ('secret_env_patterns = [1]', "secret_env_patterns"),
     ('[store]\npath = "/x"', "store"),
+    ('restore_read_threads = -1', "restore_read_threads"),
+    ('restore_read_threads = 65', "restore_read_threads"),
+    ('restore_read_threads = "4"', "restore_read_threads"),
+    ('restore_read_threads = false', "restore_read_threads"),
 ])
 def test_bad_values_name_key(tmp_path, text, key):
     with pytest.raises(ConfigError, match=key):
         config.load(write(tmp_path, text))
+
+
+def test_restore_read_threads_zero_means_automatic(tmp_path):
+    assert Settings().restore_read_threads == 0
+    assert config.load(write(tmp_path, "restore_read_threads = 0\n")).restore_read_threads == 0
+    assert config.load(write(tmp_path, "restore_read_threads = 4\n")).restore_read_threads == 4
 
 
 def test_bad_toml(tmp_path):

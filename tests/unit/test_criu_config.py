@@ -36,6 +36,23 @@ def test_restore_config_cgroup_root():
     assert not any(ln.startswith("cgroup-root") for ln in criu.restore_config(None).render().splitlines())
 
 
+def test_read_threads_automatic_is_one_per_cpu_capped(monkeypatch):
+    monkeypatch.setattr(criu.os, "cpu_count", lambda: 2)
+    assert criu.read_threads(0) == 2
+    monkeypatch.setattr(criu.os, "cpu_count", lambda: 96)
+    assert criu.read_threads(0) == criu.MAX_READ_THREADS
+    monkeypatch.setattr(criu.os, "cpu_count", lambda: None)
+    assert criu.read_threads(0) == 1
+    assert criu.read_threads(3) == 3 and criu.read_threads(1) == 1
+
+
+def test_restore_env_carries_the_thread_count_and_the_rest(monkeypatch):
+    monkeypatch.setenv("PATH", "/custom/bin")
+    monkeypatch.setenv(criu.PARALLEL_READS_ENV, "9")  # the config decides, not a stray env var
+    env = criu.restore_env(3)
+    assert env[criu.PARALLEL_READS_ENV] == "3" and env["PATH"] == "/custom/bin"
+
+
 def test_restore_config_rejects_newline_in_cgroup():
     with pytest.raises(ValueError):
         criu.restore_config("/a\nshell-job").render()

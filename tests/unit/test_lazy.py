@@ -104,3 +104,33 @@ def test_daemon_that_fails_to_start(work: Path) -> None:
     bad.chmod(0o755)
     with pytest.raises(lazy.LazyError):
         lazy.Daemon(bad, work, work / "work").start()
+
+
+def fake_runc(tmp: Path, rc: int) -> Path:
+    """Records the CRIU_PARALLEL_READS it was given (or 'unset') per call, then exits rc."""
+    p = tmp / "runc"
+    p.write_text(f"#!/bin/sh\necho \"${{CRIU_PARALLEL_READS:-unset}} $*\" >> {tmp}/runc.calls\nexit {rc}\n")
+    p.chmod(0o755)
+    return p
+
+
+def test_eager_restore_gets_the_parallel_reads_env(work: Path, monkeypatch) -> None:
+    monkeypatch.delenv("CRIU_PARALLEL_READS", raising=False)
+    runc = fake_runc(work, 0)
+    p, how = lazy.run_restore(runc, work / "criu", ["restore", "c1"], work, work / "work", spec({}), "c1", [], None,
+                              eager_env={**os.environ, "CRIU_PARALLEL_READS": "4"})
+    assert p.returncode == 0 and how.startswith("eager")
+    assert (work / "runc.calls").read_text() == "4 restore c1\n"
+
+
+def test_lazy_restore_does_not_get_it_but_its_eager_fallback_does(work: Path, monkeypatch) -> None:
+    monkeypatch.delenv("CRIU_PARALLEL_READS", raising=False)
+    runc = fake_runc(work, 1)  # the lazy attempt fails: the eager fallback runs
+    criu = fake_criu(work, "sleep 30")
+    p, how = lazy.run_restore(runc, criu, ["restore", "c1"], work, work / "work",
+                              spec({"warmstart.dev/restore": "lazy"}), "c1", [], None, timeout=10,
+                              eager_env={**os.environ, "CRIU_PARALLEL_READS": "4"})
+    assert how.startswith("eager after lazy failed")
+    calls = (work / "runc.calls").read_text().splitlines()
+    assert calls[0] == "unset restore --lazy-pages c1"
+    assert calls[-1] == "4 restore c1"
