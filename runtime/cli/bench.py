@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import INSTALLED_RUNTIME
+from ..criu import PARALLEL_READS_ENV
 from .preflight import ready_to_run
 
 RUNTIME = INSTALLED_RUNTIME
@@ -55,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=1, help="worker hash-chain rounds: the cold-start CPU work (default 1)")
     p.add_argument("--pause", type=float, default=2.0, help="fixed pause between measurements, seconds (default 2)")
     p.add_argument("--passthrough-reps", type=int, default=20, help="pass-through rounds (default 20; 0 skips)")
-    p.add_argument("--only", default="", help="comma-separated subset of: warmstart,lazy,runc,podman,podman-import,floors")
+    p.add_argument("--only", default="",
+                   help="comma-separated subset of: warmstart,serial,lazy,runc,podman,podman-import,floors")
     p.add_argument("--no-podman", action="store_true", help="skip podman even if it is installed")
     p.add_argument("--json", type=Path, dest="json_out", help="write all results (with raw samples) to this file")
     p.add_argument("--plot", type=Path, help="draw the comparison into this PNG (needs matplotlib)")
@@ -165,9 +167,15 @@ class Node:
         self.runc_root = base / "runc-root"
         self.config = base / "config.toml"
         self.store = base / "store"
-        self.config.write_text(f'store = "{self.store}"\nseal_dir = "{base}/seals"\nstate_dir = "{base}/state"\n'
-                               f'log_dir = "{base}/logs"\ncriu = "{criu}"\n')
-        self.env = {**os.environ, "WARMSTART_CONFIG": str(self.config)}
+        common = (f'store = "{self.store}"\nseal_dir = "{base}/seals"\nstate_dir = "{base}/state"\n'
+                  f'log_dir = "{base}/logs"\ncriu = "{criu}"\n')
+        self.config.write_text(common)
+        # the same node with CRIU's own single-threaded page reads: the "before" of parallel reads
+        (base / "config-serial.toml").write_text(common + "restore_read_threads = 1\n")
+        # plain runc gets CRIU's defaults, whatever the caller's environment says
+        clean = {k: v for k, v in os.environ.items() if k != PARALLEL_READS_ENV}
+        self.env = {**clean, "WARMSTART_CONFIG": str(self.config)}
+        self.env_serial = {**clean, "WARMSTART_CONFIG": str(base / "config-serial.toml")}
         self.boxes: list[Box] = []
 
     def new(self, name: str, args: list[str], annotations: dict[str, str]) -> Box:
@@ -190,13 +198,13 @@ class Node:
         return subprocess.run([str(binary), *self.globals(b), *args], capture_output=True, text=True,
                               timeout=timeout, env=self.env)
 
-    def spawn(self, binary: Path | str, b: Box, *args: str) -> int:
+    def spawn(self, binary: Path | str, b: Box, *args: str, env: dict[str, str] | None = None) -> int:
         """create/restore with pipes as stdio, like the shim; returns the exit code."""
         in_r, in_w = os.pipe()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         p = subprocess.Popen([str(binary), *self.globals(b), *args], stdin=in_r, stdout=out_w, stderr=err_w,
-                             env=self.env)
+                             env=env or self.env)
         for fd in (in_r, out_w, err_w):
             os.close(fd)
         b.fds += [in_w, out_r, err_r]
@@ -204,8 +212,9 @@ class Node:
             os.set_blocking(fd, False)  # never read; a non-blocking end keeps nothing stuck
         return p.wait(timeout=900)
 
-    def create_start(self, binary: Path | str, b: Box) -> None:
-        rc = self.spawn(binary, b, "create", "--bundle", str(b.bundle), "--pid-file", str(b.bundle / "init.pid"), b.id)
+    def create_start(self, binary: Path | str, b: Box, env: dict[str, str] | None = None) -> None:
+        rc = self.spawn(binary, b, "create", "--bundle", str(b.bundle), "--pid-file", str(b.bundle / "init.pid"), b.id,
+                        env=env)
         if rc != 0:
             raise RuntimeError(f"create {b.id} failed ({rc}): {_tail(b.bundle / 'log.json')}")
         p = self.call(binary, b, "start", b.id)
@@ -293,17 +302,25 @@ FILL = r'''
 import mmap, os, sys, time
 n = int(sys.argv[1]); src = os.urandom(1 << 22); step = len(src)
 m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-t = time.perf_counter()
+t = time.monotonic()
 for off in range(0, n - step + 1, step):
     m[off:off + step] = src
-print(time.perf_counter() - t)
+print(t, time.monotonic())
 '''
 
 
-def fill_floor(nbytes: int) -> float:
-    """Fault and fill fresh anonymous memory of the image's size, in a fresh process (4 KiB pages unless THP)."""
-    p = _run(["/usr/bin/python3", "-I", "-S", "-c", FILL, str(nbytes)])
-    return float(p.stdout.strip())
+def fill_floor(nbytes: int, procs: int = 1) -> float:
+    """Fault and fill fresh anonymous memory of the image's size (4 KiB pages unless THP), split over
+    `procs` fresh processes filling at once: first start to last end."""
+    ps = [subprocess.Popen(["/usr/bin/python3", "-I", "-S", "-c", FILL, str(nbytes // procs)],
+                           stdout=subprocess.PIPE, text=True) for _ in range(procs)]
+    spans = []
+    for p in ps:
+        out, _ = p.communicate(timeout=600)
+        if p.returncode != 0:
+            raise RuntimeError(f"fill floor process failed ({p.returncode})")
+        spans.append([float(x) for x in out.split()])
+    return max(e for _, e in spans) - min(b for b, _ in spans)
 
 
 def page_files(ckpt: Path) -> list[Path]:
@@ -480,13 +497,13 @@ def bench_size(node: Node, pod: Podman | None, mb: int, args: argparse.Namespace
         say(f"{mb} MiB: podman checkpoint (+export) {r.samples['podman_checkpoint_export_s'][-1]:.2f}s")
         time.sleep(args.pause)
 
-    def warmstart(lazy: bool) -> None:
+    def warmstart(lazy: bool, serial: bool = False) -> None:
         ann = {"warmstart.dev/checkpoint": "restore-only", "warmstart.dev/id": ckpt_id}
         if lazy:
             ann["warmstart.dev/restore"] = "lazy"
         b = node.new(f"ws{mb}", wargs, ann)
         t = time.monotonic()
-        node.create_start(node.runtime, b)
+        node.create_start(node.runtime, b, env=node.env_serial if serial else None)
         ready = wait_ready(port)
         rec = runtime_log(node, b.id, "restored from")
         if not rec:
@@ -500,6 +517,8 @@ def bench_size(node: Node, pod: Podman | None, mb: int, args: argparse.Namespace
             gone = wait_gone(daemons, 600) if daemons else ready
             r.add("lazy_all_pages_in_s", (gone - t) if gone else None)
             r.lazy_phases.append(rec.get("phases", {}))
+        elif serial:
+            r.add("restore_serial_reads_s", ready - t)
         else:
             r.add("restore_s", ready - t)
             r.restore_phases.append(rec.get("phases", {}))
@@ -544,12 +563,15 @@ def bench_size(node: Node, pod: Podman | None, mb: int, args: argparse.Namespace
     def floors() -> None:
         r.add("fill_floor_s", fill_floor(r.pages_bytes))
         time.sleep(args.pause)
+        r.add("fill_floor_all_cores_s", fill_floor(r.pages_bytes, os.cpu_count() or 1))
+        time.sleep(args.pause)
         r.add("read_cached_s", read_floor(files, drop=False))
         r.add("read_cold_s", read_floor(files, drop=True))
         warm_cache(files)  # restores below read a page-cached image, as after a dump or a prior restore
 
-    steps: list[tuple[str, Callable[[], None]]] = [("floors", floors), ("warmstart", lambda: warmstart(False)),
-                                                   ("runc", plain_runc), ("lazy", lambda: warmstart(True))]
+    steps: list[tuple[str, Callable[[], None]]] = [
+        ("floors", floors), ("warmstart", lambda: warmstart(False)), ("runc", plain_runc),
+        ("lazy", lambda: warmstart(True)), ("serial", lambda: warmstart(False, serial=True))]
     if pm_name:
         steps += [("podman", podman_inplace), ("podman-import", podman_import)]
         pod.pm("kill", pm_name, check=False)  # checkpoint --keep left it exited already; be sure
@@ -566,8 +588,9 @@ def bench_size(node: Node, pod: Podman | None, mb: int, args: argparse.Namespace
             time.sleep(args.pause)
         say(f"{mb} MiB rep {rep + 1}/{args.reps}: " + ", ".join(
             f"{k}={v[-1]:.3f}" for k, v in r.samples.items()
-            if k in ("restore_s", "time_to_first_response_s", "lazy_all_pages_in_s", "runc_restore_s",
-                     "podman_restore_s", "podman_import_restore_s", "fill_floor_s") and v))
+            if k in ("restore_s", "restore_serial_reads_s", "time_to_first_response_s", "lazy_all_pages_in_s",
+                     "runc_restore_s",
+                     "podman_restore_s", "podman_import_restore_s", "fill_floor_s", "fill_floor_all_cores_s") and v))
     if pm_name:
         pod.rm(pm_name)
         if pm_export:
@@ -626,7 +649,10 @@ def derive(sr: SizeResult) -> dict[str, Any]:
     out["speedup_lazy"] = summary([cold_med / x for x in s.get("time_to_first_response_s", []) if x]
                                   if cold_med else [])
     out["restore_vs_fill_floor"] = summary(ratios(s.get("restore_s", []), s.get("fill_floor_s", [])))
+    out["restore_vs_fill_floor_all_cores"] = summary(ratios(s.get("restore_s", []),
+                                                            s.get("fill_floor_all_cores_s", [])))
     out["restore_vs_runc_restore"] = summary(ratios(s.get("restore_s", []), s.get("runc_restore_s", [])))
+    out["restore_vs_serial_reads"] = summary(ratios(s.get("restore_s", []), s.get("restore_serial_reads_s", [])))
     out["restore_vs_podman"] = summary(ratios(s.get("restore_s", []), s.get("podman_restore_s", [])))
     out["lazy_vs_podman"] = summary(ratios(s.get("time_to_first_response_s", []), s.get("podman_restore_s", [])))
     out["dump_vs_write_floor"] = summary(ratios(s.get("dump_s", []), s.get("write_floor_s", [])))
@@ -645,16 +671,20 @@ def derive(sr: SizeResult) -> dict[str, Any]:
 
 
 ROWS = [("cold start → ready", "cold_start_s"), ("warmstart restore → ready (eager)", "restore_s"),
+        ("  eager, CRIU's single-threaded page reads", "restore_serial_reads_s"),
         ("warmstart lazy restore → first response", "time_to_first_response_s"),
         ("  lazy: all pages in (daemon exits)", "lazy_all_pages_in_s"),
         ("plain runc restore → ready", "runc_restore_s"), ("podman restore in place → ready", "podman_restore_s"),
         ("podman restore --import → ready", "podman_import_restore_s"),
-        ("floor: fault+fill fresh memory", "fill_floor_s"), ("floor: read image (page cache)", "read_cached_s"),
+        ("floor: fault+fill fresh memory", "fill_floor_s"),
+        ("floor: fault+fill, split over all cores", "fill_floor_all_cores_s"), ("floor: read image (page cache)", "read_cached_s"),
         ("floor: read image (cold)", "read_cold_s"), ("dump (kill 15 → checkpoint published)", "dump_s"),
         ("floor: write image (dd fdatasync)", "write_floor_s"),
         ("podman checkpoint + export", "podman_checkpoint_export_s"),
         ("speed-up (cold / eager restore)", "speedup"), ("eager restore / fill floor", "restore_vs_fill_floor"),
+        ("eager restore / fill floor over all cores", "restore_vs_fill_floor_all_cores"),
         ("eager restore / runc restore", "restore_vs_runc_restore"),
+        ("eager restore / single-threaded reads", "restore_vs_serial_reads"),
         ("eager restore / podman in place", "restore_vs_podman"), ("lazy first response / podman", "lazy_vs_podman"),
         ("dump / write floor", "dump_vs_write_floor")]
 
@@ -694,8 +724,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
         import matplotlib.pyplot as plt  # noqa: PLC0415
     except ImportError:
         raise RuntimeError("--plot needs matplotlib: /opt/warmstart/venv/bin/pip install matplotlib") from None
-    keys = [("fill floor", "fill_floor_s"), ("read (cached)", "read_cached_s"), ("read (cold)", "read_cold_s"),
-            ("warmstart eager", "restore_s"), ("warmstart lazy\n(1st response)", "time_to_first_response_s"),
+    keys = [("fill floor", "fill_floor_s"), ("fill floor\n(all cores)", "fill_floor_all_cores_s"),
+            ("read (cached)", "read_cached_s"), ("read (cold)", "read_cold_s"),
+            ("warmstart eager", "restore_s"), ("eager, 1-thread\nreads", "restore_serial_reads_s"), ("warmstart lazy\n(1st response)", "time_to_first_response_s"),
             ("runc restore", "runc_restore_s"), ("podman in place", "podman_restore_s"),
             ("podman --import", "podman_import_restore_s"), ("cold start", "cold_start_s")]
     sizes = list(results["sizes"])
@@ -734,7 +765,7 @@ def run(args: argparse.Namespace) -> int:
             print("warmstart bench: --plot needs matplotlib (/opt/warmstart/venv/bin/pip install matplotlib)",
                   file=sys.stderr)
             return 2
-    which = {"warmstart", "lazy", "runc", "podman", "podman-import", "floors"}
+    which = {"warmstart", "serial", "lazy", "runc", "podman", "podman-import", "floors"}
     if args.only:
         which &= {x.strip() for x in args.only.split(",")}
     from .. import config as wconfig  # noqa: PLC0415

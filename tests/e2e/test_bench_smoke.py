@@ -22,6 +22,9 @@ pytestmark = [
 KEYS = ["cold_start_s", "restore_s", "speedup", "restore_vs_fill_floor", "restore_vs_runc_restore",
         "restore_vs_podman", "dump_vs_write_floor", "passthrough_overhead_ms", "time_to_first_response_s",
         "checkpoint_bytes"]
+# per size, each with real samples: every restore variant and floor ran
+SIZE_KEYS = ["restore_s", "restore_serial_reads_s", "runc_restore_s", "time_to_first_response_s",
+             "fill_floor_s", "fill_floor_all_cores_s", "read_cached_s", "read_cold_s", "write_floor_s"]
 
 
 def test_bench_json_has_every_comparison(tmp_path):
@@ -35,6 +38,9 @@ def test_bench_json_has_every_comparison(tmp_path):
     text = json.dumps(data)
     for key in KEYS:
         assert f'"{key}"' in text, f"{key} missing from the bench JSON"
+    size = data["sizes"]["64"]
+    for key in SIZE_KEYS:
+        assert size.get(key, {}).get("n", 0) >= 1, f"{key}: no samples ({size.get(key)}; notes {size['notes']})"
     assert png.stat().st_size > 10_000
     assert "restore" in p.stdout and "floor" in p.stdout, p.stdout[-2000:]
     assert not [x for x in tmp_path.iterdir() if x.name not in ("bench.json", "bench.png")], \
