@@ -30,6 +30,8 @@ CRIU_SRC="$CACHE/criu-$CRIU_VERSION"
 # - so-passcred: Linux >= 6.16 refuses getsockopt(SO_PASSCRED/SO_PASSSEC) on inet sockets;
 #   CRIU 4.1.1 then fails to dump any process with a TCP socket (criu#2705, fixed after 4.1.1).
 # - parallel-reads: CRIU_PARALLEL_READS=N spreads an eager restore's page reads over N threads.
+# - kdat-cache: keep CRIU's kernel-feature cache on any /run (tied to the boot id), so that
+#   each CRIU call does not re-probe the kernel and run iptables three times (~40-80 ms).
 CRIU_PATCHES=("$REPO_DIR"/packaging/criu-"$CRIU_VERSION"-*.patch)
 CRIU_FIXED=4.2
 
