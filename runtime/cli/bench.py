@@ -40,6 +40,7 @@ from typing import Any, Callable
 
 from ..config import INSTALLED_RUNTIME
 from ..criu import PARALLEL_READS_ENV
+from ..runc import wait_exit
 from .preflight import ready_to_run
 
 RUNTIME = INSTALLED_RUNTIME
@@ -210,7 +211,7 @@ class Node:
         b.fds += [in_w, out_r, err_r]
         for fd in (out_r, err_r):
             os.set_blocking(fd, False)  # never read; a non-blocking end keeps nothing stuck
-        return p.wait(timeout=900)
+        return wait_exit(p, 900)  # exact: Popen.wait(timeout) polls in steps of up to 50 ms
 
     def create_start(self, binary: Path | str, b: Box, env: dict[str, str] | None = None) -> None:
         rc = self.spawn(binary, b, "create", "--bundle", str(b.bundle), "--pid-file", str(b.bundle / "init.pid"), b.id,

@@ -114,3 +114,24 @@ def test_checkpoint_argv():
     g = runc.GlobalOpts.parse([])
     argv = runc.checkpoint_argv(g, Path("/criu"), "c1", Path("/img"), Path("/w"), leave_running=True)
     assert argv[-1] == "c1" and "--leave-running" in argv and "--tcp-established" in argv
+
+
+def test_wait_exit_returns_the_code_and_times_out():
+    import subprocess
+    p = subprocess.Popen(["sh", "-c", "exit 3"])
+    assert runc.wait_exit(p, 10) == 3
+    p = subprocess.Popen(["sleep", "30"])
+    with pytest.raises(subprocess.TimeoutExpired):
+        runc.wait_exit(p, 0.1)
+    p.kill()
+    assert runc.wait_exit(p, 10) == -9
+
+
+def test_run_bounded_kills_the_whole_group_past_the_deadline(tmp_path):
+    fake = tmp_path / "runc"
+    fake.write_text(f"#!/bin/sh\nsleep 30 &\necho $! > {tmp_path}/child\nwait\n")
+    fake.chmod(0o755)
+    with pytest.raises(runc.Timeout, match="killed after"):
+        runc.run_bounded(fake, ["restore", "c1"], timeout=0.5)
+    child = int((tmp_path / "child").read_text())
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split(")")[1][:3]
