@@ -44,22 +44,24 @@ def main(argv: list[str], sub_i: int) -> int:
 
 # -- create -------------------------------------------------------------------
 
-def _inject(spec: dict[str, Any], sd: StateDir) -> dict[str, Any]:
+def _inject(spec: dict[str, Any], sd: StateDir, hooks: bool) -> dict[str, Any]:
     """Our additions to the bundle's config.json: the CRIU config path runc reads, and lifecycle hooks.
 
     The hooks run as `python -IS hooks/main.py` (stdlib only, ~10 ms) rather than through the
-    console script, which imports site and costs tens of ms on every create and restore.
+    console script, which imports site and costs tens of ms on every create.  A restore gets
+    none: runc would run createRuntime inside it, 20-30 ms on the restore's critical path, to
+    record a runtime's creation that did not happen (CRIU brought the mounts back).
     """
     spec = dict(spec)
     spec["annotations"] = dict(spec.get("annotations") or {}, **{"org.criu.config": str(sd.criu_conf)})
     hook_main = Path(__file__).resolve().parent / "hooks" / "main.py"
-    if hook_main.exists():
-        hooks = {k: list(v) for k, v in (spec.get("hooks") or {}).items()}
+    if hooks and hook_main.exists():
+        stages = {k: list(v) for k, v in (spec.get("hooks") or {}).items()}
         for stage in ("createRuntime", "poststop"):
-            hooks.setdefault(stage, []).append(
+            stages.setdefault(stage, []).append(
                 {"path": sys.executable, "args": [sys.executable, "-IS", str(hook_main), stage,
                                                   "--state-dir", str(sd.path)], "timeout": 10})
-        spec["hooks"] = hooks
+        spec["hooks"] = stages
     return spec
 
 
@@ -86,17 +88,18 @@ def create(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest:
                         bundle=str(c.bundle), rootfs=str(rootfs.rootfs_path(c.bundle, spec)), runc_root=g.root,
                         identity=policy.identity, id_source=policy.id_source, share_pid_ns=_shares_pid_ns(spec),
                         pid_file=c.pid_file, runc_log=g.log, runc_global=list(g.argv))
-    write_json_atomic(cfg, _inject(spec, sd), mode=0o644)
+    store = Store(settings)
+    restoring = not st.share_pid_ns and store.exists(policy.checkpoint_id)
+    write_json_atomic(cfg, _inject(spec, sd, hooks=not restoring), mode=0o644)
     rootfs_dir = Path(st.rootfs)
     if rootfs.overlay_upperdir(rootfs_dir) is None:
         rootfs.take_baseline(rootfs_dir, sd.baseline)  # before any restore diff: later dumps carry it
     sd.save(st)
-    store = Store(settings)
     if st.share_pid_ns:
         log.warning("container shares the pod's PID namespace: CRIU cannot checkpoint or restore it alone; "
                     "running cold, no checkpoint will be taken (use shareProcessNamespace: false)")
         exec_runc(settings.runc, argv)
-    if store.exists(policy.checkpoint_id):
+    if restoring:
         from .restore import restore  # noqa: PLC0415
         res = restore(settings, g, c, spec, st, sd, log)
         if res.ok:
@@ -106,6 +109,7 @@ def create(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest:
             seed.mark_restored(res.pid, spec, policy.checkpoint_id)
             return 0
         log.warning(f"cold start: {res.reason}", phases=res.phases)
+        write_json_atomic(cfg, _inject(spec, sd, hooks=True), mode=0o644)  # a cold create gets its hooks
     else:
         log.info(f"cold start: no checkpoint {policy.checkpoint_id} in the store yet",
                  will_dump=policy.mode in (annotations.Mode.ON_STOP, annotations.Mode.ON_READY))
