@@ -20,6 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "e2e"))
 import shim  # noqa: E402
+from shim import subreaper  # noqa: E402, F401 - autouse: this module plays the shim
 
 HOOK = Path(__file__).parents[1] / "e2e" / "fixtures" / "fake_ctk_hook.sh"
 
@@ -124,9 +125,11 @@ def _gpu_spec(c: shim.Container, hook_uuid_fmt: str = "suffix") -> None:
     (c.bundle / "config.json").write_text(json.dumps(cfg))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def subreaper():
-    shim.become_subreaper()
+def _read_threads_line(node: shim.Node, c: shim.Container) -> str:
+    """CRIU's own line on how it read the pages (warmstart's patch), or that it did not say."""
+    log = node.base / "logs" / f"restore-{c.id}.log"
+    lines = [x for x in log.read_text().splitlines() if "bytes of pages in" in x] if log.exists() else []
+    return lines[-1].split(": ", 1)[-1] if lines else "single-threaded (no parallel-reads line)"
 
 
 def _du(p: Path) -> int:
@@ -183,6 +186,29 @@ def test_torch_worker_survives_checkpoint_and_restore_into_new_container(tmp_pat
         assert after["fwd"] == before["fwd"], "first forward after restore differs"
         assert after["ballast"] == before["ballast"]
         b.runtime("kill", "--all", b.id, "9", check=False)
+        b.delete()
+        res["read_threads"] = _read_threads_line(node, b)
+        # the same image restored again with CRIU's single-threaded page reads, then parallel again:
+        # before and after of warmstart's parallel-reads patch, on the same machine and page cache
+        conf = node.config.read_text()
+        res["restore_again"] = []
+        for i, threads in enumerate((1, 0)):
+            node.config.write_text(conf + f"restore_read_threads = {threads}\n")
+            c = node.container(f"gpu{3 + i}", ann)
+            _gpu_spec(c)
+            t = time.perf_counter()
+            c.create()
+            took = round(time.perf_counter() - t, 3)
+            c.start()
+            again = c.ask("fwd")
+            rec = [r for r in node.runtime_log() if str(r.get("msg", "")).startswith("restored from")][-1]
+            res["restore_again"].append({"restore_read_threads": threads, "restore_create_s": took,
+                                         "phases": rec.get("phases"), "read_threads": _read_threads_line(node, c),
+                                         "forward_equal": again["fwd"] == before["fwd"]})
+            assert again["fwd"] == before["fwd"]
+            c.runtime("kill", "--all", c.id, "9", check=False)
+            c.delete()
+        node.config.write_text(conf)
     finally:
         out = os.environ.get("WARMSTART_GPU_RESULTS")
         print("GPU_RESULTS " + json.dumps(res))
