@@ -523,9 +523,10 @@ def bench_size(node: Node, pod: Podman | None, mb: int, args: argparse.Namespace
         else:
             r.add("restore_s", ready - t)
             r.restore_phases.append(rec.get("phases", {}))
-        out = infer(port, verify=not r.samples.get(f"verified_{lazy}"))
+        key = "verified_" + ("lazy" if lazy else "serial_reads" if serial else "eager")
+        out = infer(port, verify=not r.samples.get(key))  # the whole state re-hashed once per variant
         if "verified" in out:
-            r.add(f"verified_{lazy}", 1.0 if out["verified"] and out["checksum"] == checksum else 0.0)
+            r.add(key, 1.0 if out["verified"] and out["checksum"] == checksum else 0.0)
         node.destroy(b)
         if lazy:
             left = lazy_daemons(str(node.base))
@@ -625,7 +626,7 @@ def bench_passthrough(node: Node, reps: int, pause: float) -> dict[str, dict[str
     return out
 
 
-def machine() -> dict[str, Any]:
+def machine(criu: str) -> dict[str, Any]:
     def read(p: str) -> str:
         try:
             return Path(p).read_text().strip()
@@ -638,6 +639,8 @@ def machine() -> dict[str, Any]:
             "thp_defrag": read("/sys/kernel/mm/transparent_hugepage/defrag"),
             "loadavg": read("/proc/loadavg"),
             "runc": _run(["runc", "--version"], check=False).stdout.splitlines()[:1],
+            "criu": _run([criu, "--version"], check=False).stdout.split(),
+            "criu_parallel_reads_patch": PARALLEL_READS_ENV.encode() in Path(criu).read_bytes(),
             "podman": _run(["podman", "--version"], check=False).stdout.strip() if shutil.which("podman") else None,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -783,7 +786,7 @@ def run(args: argparse.Namespace) -> int:
         pod.ensure_image()
     elif not args.no_podman and ({"podman", "podman-import"} & which):
         say("podman not installed: skipping the podman comparison (apt-get install podman)")
-    results: dict[str, Any] = {"machine": machine(), "command": "warmstart bench " + " ".join(sys.argv[2:]),
+    results: dict[str, Any] = {"machine": machine(criu), "command": "warmstart bench " + " ".join(sys.argv[2:]),
                                "params": {"sizes_mb": sizes, "reps": args.reps, "cold_reps": args.cold_reps,
                                           "rounds": args.rounds, "pause_s": args.pause}, "sizes": {}}
     try:

@@ -39,6 +39,9 @@ def test_bench_json_has_every_comparison(tmp_path):
     for key in KEYS:
         assert f'"{key}"' in text, f"{key} missing from the bench JSON"
     size = data["sizes"]["64"]
+    # each restore variant's worker re-hashed its whole state once: intact
+    assert size["state_verified"] == {f"verified_{v}": [1.0] for v in ("eager", "serial_reads", "lazy")}, \
+        size["state_verified"]
     for key in SIZE_KEYS:
         assert size.get(key, {}).get("n", 0) >= 1, f"{key}: no samples ({size.get(key)}; notes {size['notes']})"
     assert png.stat().st_size > 10_000
