@@ -421,6 +421,11 @@ criu = "$criu"
 # max_restore_failures = 3
 # Seconds a dump may take before it is abandoned (CRIU timeout).
 # dump_timeout_s = 600
+# Seconds runc restore may take inside create before it is killed and the container starts cold.
+# restore_timeout_s = 90
+# Threads that read an eager restore's pages (warmstart's CRIU patch): 0 = one per CPU (<= 8),
+# 1 = CRIU's own single-threaded reads.
+# restore_read_threads = 0
 # Env keys whose values are never written to metadata in clear (hashed instead).
 # secret_env_patterns = ["*TOKEN*", "*SECRET*", "*PASSWORD*", "*PASSWD*", "*KEY*", "*CREDENTIAL*", "*AUTH*"]
 EOF
