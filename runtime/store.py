@@ -148,18 +148,24 @@ class Store:
         The marker is the last file written, inside the temp dir, and the rename
         makes the whole checkpoint appear at once: no reader sees half of it.
         """
-        manifest, total = {}, 0
+        from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415 - only a dump publishes
+
+        files: list[tuple[Path, int]] = []
         for entry in sorted(tmp.iterdir()):
-            name = entry.name
             st = entry.lstat()
             if not stat.S_ISREG(st.st_mode):
-                raise CheckpointError(f"{name}: not a regular file in the dump; refusing to publish")
-            if name in CONTROL_FILES:
+                raise CheckpointError(f"{entry.name}: not a regular file in the dump; refusing to publish")
+            if entry.name in CONTROL_FILES:
                 continue
             entry.chmod(0o600)
-            manifest[name] = {"sha256": sha256_file(entry), "size": st.st_size}
-            total += st.st_size
-            _fsync_path(entry)
+            files.append((entry, st.st_size))
+        # The write-back to disk (fsync) and the hash (reading the page cache) each release the
+        # GIL: run them side by side instead of one after the other.  Both end before the marker.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            synced = pool.submit(lambda: [_fsync_path(entry) for entry, _ in files])
+            manifest = {entry.name: {"sha256": sha256_file(entry), "size": size} for entry, size in files}
+            synced.result()
+        total = sum(size for _, size in files)
         metadata = dict(metadata, manifest=manifest)
         metadata["sizes"] = dict(metadata.get("sizes") or {}, total_bytes=total, files=len(manifest))
         from .metadata import validate  # noqa: PLC0415 - jsonschema is heavy; only at publish
