@@ -74,6 +74,14 @@ def read_threads(setting: int) -> int:
     return setting if setting > 0 else max(1, min(os.cpu_count() or 1, MAX_READ_THREADS))
 
 
+def has_parallel_reads(criu: Path) -> bool:
+    """Whether this CRIU binary carries warmstart's parallel-reads patch (it names the env var)."""
+    try:
+        return PARALLEL_READS_ENV.encode() in criu.read_bytes()
+    except OSError:
+        return False
+
+
 def restore_env(setting: int) -> dict[str, str]:
     """The environment for an eager `runc restore` (runc hands it on to CRIU)."""
     env = dict(os.environ)

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import INSTALLED_RUNTIME
-from ..criu import PARALLEL_READS_ENV
+from ..criu import PARALLEL_READS_ENV, has_parallel_reads
 from ..runc import wait_exit
 from .preflight import ready_to_run
 
@@ -591,8 +591,8 @@ def bench_size(node: Node, pod: Podman | None, mb: int, args: argparse.Namespace
         say(f"{mb} MiB rep {rep + 1}/{args.reps}: " + ", ".join(
             f"{k}={v[-1]:.3f}" for k, v in r.samples.items()
             if k in ("restore_s", "restore_serial_reads_s", "time_to_first_response_s", "lazy_all_pages_in_s",
-                     "runc_restore_s",
-                     "podman_restore_s", "podman_import_restore_s", "fill_floor_s", "fill_floor_all_cores_s") and v))
+                     "runc_restore_s", "podman_restore_s", "podman_import_restore_s", "fill_floor_s",
+                     "fill_floor_all_cores_s") and v))
     if pm_name:
         pod.rm(pm_name)
         if pm_export:
@@ -640,7 +640,7 @@ def machine(criu: str) -> dict[str, Any]:
             "loadavg": read("/proc/loadavg"),
             "runc": _run(["runc", "--version"], check=False).stdout.splitlines()[:1],
             "criu": _run([criu, "--version"], check=False).stdout.split(),
-            "criu_parallel_reads_patch": PARALLEL_READS_ENV.encode() in Path(criu).read_bytes(),
+            "criu_parallel_reads_patch": has_parallel_reads(Path(criu)),
             "podman": _run(["podman", "--version"], check=False).stdout.strip() if shutil.which("podman") else None,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -681,7 +681,8 @@ ROWS = [("cold start → ready", "cold_start_s"), ("warmstart restore → ready 
         ("plain runc restore → ready", "runc_restore_s"), ("podman restore in place → ready", "podman_restore_s"),
         ("podman restore --import → ready", "podman_import_restore_s"),
         ("floor: fault+fill fresh memory", "fill_floor_s"),
-        ("floor: fault+fill, split over all cores", "fill_floor_all_cores_s"), ("floor: read image (page cache)", "read_cached_s"),
+        ("floor: fault+fill, split over all cores", "fill_floor_all_cores_s"),
+        ("floor: read image (page cache)", "read_cached_s"),
         ("floor: read image (cold)", "read_cold_s"), ("dump (kill 15 → checkpoint published)", "dump_s"),
         ("floor: write image (dd fdatasync)", "write_floor_s"),
         ("podman checkpoint + export", "podman_checkpoint_export_s"),
@@ -730,7 +731,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         raise RuntimeError("--plot needs matplotlib: /opt/warmstart/venv/bin/pip install matplotlib") from None
     keys = [("fill floor", "fill_floor_s"), ("fill floor\n(all cores)", "fill_floor_all_cores_s"),
             ("read (cached)", "read_cached_s"), ("read (cold)", "read_cold_s"),
-            ("warmstart eager", "restore_s"), ("eager, 1-thread\nreads", "restore_serial_reads_s"), ("warmstart lazy\n(1st response)", "time_to_first_response_s"),
+            ("warmstart eager", "restore_s"), ("eager, 1-thread\nreads", "restore_serial_reads_s"),
+            ("warmstart lazy\n(1st response)", "time_to_first_response_s"),
             ("runc restore", "runc_restore_s"), ("podman in place", "podman_restore_s"),
             ("podman --import", "podman_import_restore_s"), ("cold start", "cold_start_s")]
     sizes = list(results["sizes"])

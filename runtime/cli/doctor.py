@@ -157,13 +157,9 @@ def check_criu_sockopts(criu: Path, ver: tuple, label: str = "criu") -> tuple:
 
 def check_parallel_reads(settings) -> tuple:
     """Eager restores touch every page of fresh memory; warmstart's CRIU patch spreads that over the CPUs."""
-    from ..criu import PARALLEL_READS_ENV, read_threads  # noqa: PLC0415
+    from ..criu import has_parallel_reads, read_threads  # noqa: PLC0415
     n = read_threads(settings.restore_read_threads)
-    try:
-        patched = PARALLEL_READS_ENV.encode() in settings.criu.read_bytes()
-    except OSError:
-        return warn("criu.parallel_reads", f"cannot read {settings.criu}", "check the criu path in the config")
-    if not patched:
+    if not has_parallel_reads(settings.criu):
         return warn("criu.parallel_reads", f"{settings.criu} reads restored pages with one thread (no warmstart patch)",
                     "`bash install.sh --build-criu` builds CRIU with warmstart's patches")
     if n < 2:

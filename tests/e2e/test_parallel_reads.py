@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from warmstart import criu
+
 sys.path.insert(0, str(Path(__file__).parent))
 import shim  # noqa: E402
 from shim import subreaper  # noqa: E402, F401 - autouse: this module plays the shim
@@ -22,18 +24,12 @@ from shim import subreaper  # noqa: E402, F401 - autouse: this module plays the 
 CRIU = Path("/usr/local/sbin/criu")
 
 
-def _patched() -> bool:
-    try:
-        return b"CRIU_PARALLEL_READS" in CRIU.read_bytes()
-    except OSError:
-        return False
-
-
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (runc, CRIU)"),
     pytest.mark.skipif(not shutil.which("runc"), reason="needs runc (install.sh)"),
-    pytest.mark.skipif(not _patched(), reason=f"{CRIU} lacks warmstart's parallel-reads patch (install.sh)"),
+    pytest.mark.skipif(not criu.has_parallel_reads(CRIU),
+                       reason=f"{CRIU} lacks warmstart's parallel-reads patch (install.sh)"),
     pytest.mark.skipif(not Path(shim.RUNTIME).exists(), reason=f"{shim.RUNTIME} not installed (install.sh)"),
 ]
 STATE = str(96 << 20)  # above the patch's 64 MiB threshold

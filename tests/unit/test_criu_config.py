@@ -47,6 +47,14 @@ def test_read_threads_automatic_is_one_per_cpu_capped(monkeypatch):
     assert criu.read_threads(3) == 3 and criu.read_threads(1) == 1
 
 
+def test_has_parallel_reads_looks_for_the_patch_in_the_binary(tmp_path):
+    patched, stock = tmp_path / "criu-patched", tmp_path / "criu-stock"
+    patched.write_bytes(b"\x7fELF...getenv\0CRIU_PARALLEL_READS\0...")
+    stock.write_bytes(b"\x7fELF...getenv\0CRIU_LIBS_DIR\0...")
+    assert criu.has_parallel_reads(patched) and not criu.has_parallel_reads(stock)
+    assert not criu.has_parallel_reads(tmp_path / "missing")
+
+
 def test_restore_env_carries_the_thread_count_and_the_rest(monkeypatch):
     monkeypatch.setenv("PATH", "/custom/bin")
     monkeypatch.setenv(criu.PARALLEL_READS_ENV, "9")  # the config decides, not a stray env var
