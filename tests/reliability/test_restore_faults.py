@@ -43,8 +43,8 @@ def describe(pids: set[int]) -> list[str]:
 
 
 def cold_after_failed_restore(node: RNode, short: str, cid: str, dumped: dict, needle: str,
-                              expect_workload: bool = True, prepare=None, check=None) -> list[str]:
-    c = node.ctr(short, ann(cid), size=BIG)
+                              expect_workload: bool = True, prepare=None, check=None, size: int = BIG) -> list[str]:
+    c = node.ctr(short, ann(cid), size=size)
     if prepare:
         prepare(c)
     rootfs = c.bundle / "rootfs"
@@ -101,6 +101,20 @@ def test_criu_sigkilled_mid_restore_then_quarantine_then_clear(node: RNode):
     c.stop()
     c.delete()
     assert_clean(node, before, "after the cleared restore")
+
+
+def test_criu_sigkilled_while_threads_read_pages(node: RNode):
+    """warmstart's parallel-reads patch: CRIU killed while its helper threads fill the root's memory."""
+    write_criu_wrapper(node)
+    node.set_config(restore_read_threads=2)  # the same on a 1-CPU machine
+    dumped = make_checkpoint(node, "kp", size=4 * BIG)  # 1 GiB: the reads last long enough to be hit
+    before = node.snapshot()
+    (node.bin / "criu-kill-grep").write_text(
+        f"{node.base}/state/containers/{node.name('p0')}/work/restore/restore.log|bytes of pages in 1")
+    cold_after_failed_restore(node, "p0", "kp", dumped, "restore from kp failed", size=4 * BIG,
+                              check=lambda: (node.bin / "criu-killed").exists())
+    count("faults.restore")
+    assert_clean(node, before, "after CRIU was killed while reading pages in parallel")
 
 
 def _add_bind(c, src, dest="/extra"):
