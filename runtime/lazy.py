@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import runc
+from . import procfs, runc
 
 RESTORE_ANNOTATION = "warmstart.dev/restore"
 MODES = ("eager", "lazy")
@@ -90,7 +90,7 @@ class Daemon:
         self.supervisor = int(data[0])
         deadline = time.monotonic() + SOCKET_WAIT_S
         while not (self.work / SOCKET).exists():
-            if time.monotonic() > deadline or not _alive(self.supervisor) or not _alive(int(data[1])):
+            if time.monotonic() > deadline or not procfs.alive(self.supervisor) or not procfs.alive(int(data[1])):
                 self.abandon()
                 raise LazyError(f"the lazy-pages daemon did not open its socket: {_tail(self.work / DAEMON_LOG)}")
             time.sleep(0.005)
@@ -111,15 +111,6 @@ class Daemon:
 
 class LazyError(RuntimeError):
     pass
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for its supervisor to reap it counts as dead)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[-1].split()[0] not in (b"Z", b"X")
-    except (OSError, IndexError):
-        return False
 
 
 def _tail(p: Path) -> str:
@@ -184,12 +175,13 @@ def _stop(daemon: subprocess.Popen) -> None:
 
 
 def run_restore(runc_path: Path, criu: Path, argv: list[str], images: Path, work: Path, spec: dict[str, Any],
-                container_id: str, global_argv: list[str], pid_file: str | None,
-                log: Any = None, timeout: float = 90,
-                eager_env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, str]:
+                container_id: str, g: runc.GlobalOpts, pid_file: str | None,
+                log: Any = None, timeout: float = 90, eager_env: dict[str, str] | None = None,
+                watch: runc.CriuGoneWatch | None = None) -> tuple[subprocess.CompletedProcess, str]:
     """`runc restore` (argv from runc.restore_argv, the id last): lazily when asked and possible, else eagerly.
 
-    `eager_env` is the environment of an eager restore (criu.restore_env).
+    `eager_env` is the environment of an eager restore (criu.restore_env); `watch` fails either
+    attempt fast when its CRIU dies (runc.CriuGoneWatch).
 
     Returns runc's result and how it restored ("lazy", "eager", or "eager after lazy failed: ...").
     """
@@ -201,7 +193,8 @@ def run_restore(runc_path: Path, criu: Path, argv: list[str], images: Path, work
             daemon.start()
             if log is not None:
                 log.context["lazy_daemon_start_s"] = round(time.perf_counter() - t, 6)
-            p = runc.run_bounded(runc_path, argv[:-1] + ["--lazy-pages", argv[-1]], timeout)
+            p = runc.run_bounded(runc_path, argv[:-1] + ["--lazy-pages", argv[-1]], timeout,
+                                 watch=watch)
             pid = runc.read_pid(pid_file) if p.returncode == 0 else None
             if pid:
                 daemon.hand_over(pid)
@@ -212,8 +205,9 @@ def run_restore(runc_path: Path, criu: Path, argv: list[str], images: Path, work
         finally:
             daemon.abandon()
         # undo the lazy attempt, then the eager one from a clean work dir
-        subprocess.run([str(runc_path)] + global_argv + ["delete", "--force", container_id],
-                       capture_output=True, timeout=60)
+        for note in runc.discard_failed_restore(runc_path, g, container_id):
+            if log is not None:
+                log.warning(note)
         if pid_file:
             Path(pid_file).unlink(missing_ok=True)
         for name in ("restore.log", DAEMON_LOG):  # kept next to the work dir for the operator
@@ -224,4 +218,4 @@ def run_restore(runc_path: Path, criu: Path, argv: list[str], images: Path, work
         if log is not None:
             log.warning(f"lazy restore failed, restoring eagerly: {why}")
         why = f"eager after lazy failed: {why}"
-    return runc.run_bounded(runc_path, argv, timeout, env=eager_env), why
+    return runc.run_bounded(runc_path, argv, timeout, env=eager_env, watch=watch), why

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import annotations, criu, cuda, gpu, lazy, mounts, rootfs, runc, versions
+from . import annotations, criu, cuda, gpu, lazy, mounts, procfs, rootfs, runc, versions
 from .config import Settings
 from .log import Logger, keep_criu_log
 from .phases import Phases
@@ -126,13 +126,17 @@ def restore(settings: Settings, g: runc.GlobalOpts, c: runc.CreateArgs, spec: di
                 # Images are read in place: CRIU writes only to the work dir (stats, logs),
                 # so the sealed checkpoint stays untouched and may sit on a read-only store.
                 argv = runc.restore_argv(g, settings.criu, c, ckpt.path, work, extra=["--no-subreaper"])
+                watch = runc.CriuGoneWatch()
                 # stdio inherited: runc hands our fds 0-2 (the shim's pipes) to the restored process
                 p, how = lazy.run_restore(settings.runc, settings.criu, argv, ckpt.path, work, spec, c.id,
-                                          g.argv, c.pid_file, log, timeout=settings.restore_timeout_s,
-                                          eager_env=criu.restore_env(settings.restore_read_threads))
+                                          g, c.pid_file, log, timeout=settings.restore_timeout_s,
+                                          eager_env=criu.restore_env(settings.restore_read_threads),
+                                          watch=watch)
             log.context["restore_mode"] = how
             if p.returncode != 0:
-                raise RestoreFailed(f"runc restore failed (exit {p.returncode}): {_reason(g.log, work)}")
+                died = (f"CRIU died mid-restore (killed the half-restored task {watch.released} that kept runc "
+                        "waiting on the swrk socket); " if watch.released else "")
+                raise RestoreFailed(f"runc restore failed (exit {p.returncode}): {died}{_reason(g.log, work)}")
             pid = runc.read_pid(c.pid_file)
             with ph("hostname"):
                 _fix_hostname(pid, hostname)
@@ -251,20 +255,14 @@ def _keep_logs(settings: Settings, container_id: str, work: Path) -> None:
 def _cleanup(settings: Settings, g: runc.GlobalOpts, c: runc.CreateArgs, rootfs_dir: Path,
              journal: rootfs.Journal | None, log: Logger, cgroup: str | None = None,
              work: Path | None = None) -> None:
-    """Leave nothing of a failed attempt: runc state (and its cgroup), the pid file, rootfs changes."""
-    p = runc.run(settings.runc, g.argv + ["delete", "--force", c.id], timeout=60)
-    if p.returncode != 0 and "does not exist" not in (p.stderr or "") and "not exist" not in (p.stderr or ""):
-        log.warning("cleanup: runc delete --force after failed restore", stderr=(p.stderr or "")[-300:])
-    leftover = Path(g.root or "/run/runc") / c.id
-    if leftover.is_dir() and not leftover.is_symlink():
-        # a runc restore killed half-way leaves a state dir (with the rootfs bind-mounted at criu-root)
-        # that `delete --force` cannot parse; the cold `runc create` that follows would fail on it
-        # ("container with given ID already exists")
-        _umount_under(leftover, log)
-        shutil.rmtree(leftover, ignore_errors=True)
-        log.warning(f"cleanup: removed runc state {leftover} left by the killed restore")
+    """Leave nothing of a failed attempt: restored tasks, runc state (and its cgroup), the pid file, rootfs changes.
+
+    Nothing is deleted while a mount under runc's state dir is live (runc.discard_failed_restore).
+    """
     if cgroup:
         _kill_cgroup(cgroup, log)  # a killed CRIU leaves restored tasks runc never recorded (reliability suite)
+    for note in runc.discard_failed_restore(settings.runc, g, c.id):
+        log.warning(note)
     if work is not None:
         _umount_under(work, log)  # ... and its cgroup yard mounted under the work dir
     if c.pid_file:
@@ -323,15 +321,7 @@ def _kill_cgroup(cgroup: str, log: Logger) -> None:
 
 
 def _umount_under(work: Path, log: Logger) -> None:
-    """Lazily unmount what a killed restore left mounted below `work` (CRIU's cgroup yard, runc's criu-root)."""
-    import subprocess  # noqa: PLC0415
-    prefix = os.path.realpath(work) + "/"
-    try:
-        with open("/proc/self/mountinfo") as f:
-            points = [rootfs._unescape(ln.split()[4]) for ln in f if len(ln.split()) > 4]
-    except OSError:
-        return
-    for mp in sorted({m for m in points if m.startswith(prefix)}, key=len, reverse=True):
-        p = subprocess.run(["umount", "-l", mp], capture_output=True, text=True)
-        if p.returncode != 0:
-            log.warning(f"cleanup: could not unmount {mp}", stderr=p.stderr[-200:])
+    """Detach what a killed restore left mounted below `work` (CRIU's cgroup yard)."""
+    left = procfs.umount_under(work)
+    if left:
+        log.warning(f"cleanup: could not unmount {', '.join(left[:3])}")

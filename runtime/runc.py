@@ -6,9 +6,12 @@ import os
 import select
 import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+from . import procfs
 from .launch import VALUE_FLAGS
 
 
@@ -127,19 +130,22 @@ class Timeout(Exception):
     """runc (and the CRIU it started) ran past its deadline and was killed."""
 
 
-def run_bounded(runc: Path, argv: list[str], timeout: float,
-                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_bounded(runc: Path, argv: list[str], timeout: float, env: dict[str, str] | None = None,
+                watch: Callable[[int], None] | None = None) -> subprocess.CompletedProcess:
     """Run runc with inherited stdio in its own process group; past the deadline, kill the whole group.
 
     `runc restore` waits on CRIU's forked restore worker and the two can wait on
     each other forever when CRIU dies half-way; killing runc alone leaves CRIU
     behind.  The restored tasks are not in this group (CRIU gives them their
-    dumped session and group), so only runc and CRIU die here.
+    dumped session and group): they are killed as runc's children.  `watch` is
+    called with runc's pid every WATCH_TICK_S while it runs (see CriuGoneWatch).
     """
     p = subprocess.Popen([str(runc)] + argv, process_group=0, env=env)
     try:
-        return subprocess.CompletedProcess(p.args, wait_exit(p, timeout))
+        return subprocess.CompletedProcess(p.args, wait_exit(p, timeout, watch))
     except subprocess.TimeoutExpired:
+        for pid in procfs.children(p.pid):
+            _kill(pid)
         try:
             os.killpg(p.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -149,16 +155,94 @@ def run_bounded(runc: Path, argv: list[str], timeout: float,
                       "(restore_timeout_s in the config)") from None
 
 
-def wait_exit(p: subprocess.Popen, timeout: float) -> int:
+WATCH_TICK_S = 0.05
+
+
+def wait_exit(p: subprocess.Popen, timeout: float, watch: Callable[[int], None] | None = None) -> int:
     """Popen.wait(timeout) without its polling: that sleeps in steps growing to 50 ms, which
-    made a 0.12 s restore look like 0.17 s.  A pidfd becomes readable the moment the child exits."""
+    made a 0.12 s restore look like 0.17 s.  A pidfd becomes readable the moment the child exits;
+    with a `watch`, the wait wakes every WATCH_TICK_S to call it (the exit still ends it at once)."""
     fd = os.pidfd_open(p.pid)
+    deadline = time.monotonic() + timeout
     try:
-        if not select.select([fd], [], [], timeout)[0]:
-            raise subprocess.TimeoutExpired(p.args, timeout)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise subprocess.TimeoutExpired(p.args, timeout)
+            if select.select([fd], [], [], min(left, WATCH_TICK_S) if watch else left)[0]:
+                break
+            if watch:
+                watch(p.pid)
     finally:
         os.close(fd)
     return p.wait()
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+class CriuGoneWatch:
+    """Fails a `runc restore` fast when its CRIU died and a half-restored task keeps runc waiting.
+
+    runc 1.1 waits for CRIU only by reading the swrk socket until EOF.  With
+    `RstSibling`, CRIU clones the restored root task as *runc's* child; until
+    CRIU moves the restore on, that task is a copy of CRIU (comm "criu", in the
+    container's new PID namespace) holding CRIU's end of the socket.  If CRIU
+    dies then, runc never sees EOF.  Once every child of runc in runc's own PID
+    namespace (CRIU) is gone for two ticks in a row while such a task lives,
+    the task is killed: the socket closes and runc fails at once.  A restored
+    task is never taken for one: CRIU gives each task its own comm before it
+    finishes, and while CRIU lives nothing is touched.
+    """
+
+    def __init__(self) -> None:
+        self.strikes = 0
+        self.released: list[int] = []
+
+    def __call__(self, runc_pid: int) -> None:
+        own = procfs.pid_ns(runc_pid)
+        kids = procfs.children(runc_pid)
+        criu_alive = any(procfs.pid_ns(k) == own and procfs.alive(k) for k in kids)
+        held = [k for k in kids if procfs.pid_ns(k) not in (None, own)
+                and procfs.comm(k) == "criu" and procfs.alive(k)]
+        if criu_alive or not held:
+            self.strikes = 0
+            return
+        self.strikes += 1
+        if self.strikes >= 2:
+            for pid in held:
+                _kill(pid)
+            self.released += held
+
+
+def discard_failed_restore(runc: Path, g: GlobalOpts, container_id: str) -> list[str]:
+    """Remove what a failed `runc restore` left in runc's state dir, never through a mount; returns notes to log.
+
+    runc bind-mounts the rootfs at <root>/<id>/criu-root for CRIU and unmounts it
+    in a deferred call that a killed runc never runs.  `runc delete --force` on a
+    state dir without state.json then RemoveAll()s through that bind and empties
+    the rootfs.  So everything under the state dir is unmounted first, and runc
+    is called only when nothing is mounted there any more.
+    """
+    state = Path(g.root or "/run/runc") / container_id
+    left = procfs.umount_under(state)
+    if left:
+        return [f"cleanup: {', '.join(left)} stays mounted; {state} left in place rather than deleted through it"]
+    notes = []
+    p = run(runc, g.argv + ["delete", "--force", container_id], timeout=60)
+    if p.returncode != 0 and "not exist" not in (p.stderr or ""):
+        notes.append(f"cleanup: runc delete --force failed: {(p.stderr or '').strip()[-300:]}")
+    if state.is_dir() and not state.is_symlink():
+        try:
+            procfs.remove_tree(state)  # a state dir without state.json: runc's delete does not parse it
+            notes.append(f"cleanup: removed runc state {state} left by the failed restore")
+        except OSError as e:
+            notes.append(f"cleanup: could not remove {state}: {e}")
+    return notes
 
 
 def read_pid(pid_file: str | None) -> int | None:

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import config, readiness, runc, seed
+from . import config, procfs, readiness, runc, seed
 from .log import Logger
 from .state import StateDir
 from .store import Store
@@ -57,14 +57,6 @@ def stop(sd: StateDir) -> None:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 class Stopped(BaseException):
@@ -115,7 +107,7 @@ class Supervisor:
                 except (OSError, ValueError):
                     pass
             if self.pid is not None:
-                if not _alive(self.pid):
+                if not procfs.alive(self.pid):
                     log.info("on-ready: the container exited before it was ready; not checkpointed")
                     return False
                 s = runc.state(self.settings.runc, self.g, st.container_id)
@@ -125,7 +117,7 @@ class Supervisor:
         log.info(f"on-ready: ready; checkpointing in {self.ready.delay_s:g}s")
         end = time.monotonic() + self.ready.delay_s
         while time.monotonic() < end:
-            if not _alive(self.pid):
+            if not procfs.alive(self.pid):
                 log.info("on-ready: the container exited while settling; not checkpointed")
                 return False
             time.sleep(min(POLL_S, max(0.0, end - time.monotonic())))

@@ -238,6 +238,10 @@ def write_criu_wrapper(node: RNode) -> Path:
       for the calls runc makes to dump or restore (`criu swrk`), not `criu --version`
     - bin/criu-kill-glob: a shell glob; once a path matches it (e.g. pages-*.img in the dump's temp
       dir), the watcher SIGKILLs this CRIU; bin/criu-kill-grep: "FILE|TEXT", kill once FILE contains TEXT
+    - bin/criu-kill-second-child: once runc (this CRIU's parent) has a second child — with `RstSibling` the
+      restored root task, cloned as runc's child while it still holds the swrk socket — kill this CRIU
+    - bin/criu-sleep-swrk-nth: "N SECONDS": sleep only in the Nth `criu swrk` call (runc's first is its
+      version check; a restore's second runs after runc bind-mounted the rootfs at <root>/<id>/criu-root)
     - every kill is appended to bin/criu-killed.  The kill takes CRIU's children first (in swrk mode the
       restore runs in a forked `criu: restore` child; killing only the parent leaves that child and runc
       waiting on each other — see docs/reliability.md)
@@ -247,10 +251,13 @@ def write_criu_wrapper(node: RNode) -> Path:
     w.write_text(f"""#!/bin/sh
 D={d}
 echo "$$ $*" >> $D/criu-calls
-if [ -e $D/criu-kill-glob ] || [ -e $D/criu-kill-grep ]; then
+[ "$1" = swrk ] && echo "$$" >> $D/criu-swrk-calls
+if [ -e $D/criu-kill-glob ] || [ -e $D/criu-kill-grep ] || [ -e $D/criu-kill-second-child ]; then
+  runc=$(cut -d' ' -f4 /proc/$$/stat)
   (
     while kill -0 $$ 2>/dev/null; do
       if [ -e $D/criu-kill-glob ] && ls $(cat $D/criu-kill-glob) >/dev/null 2>&1; then hit=1; fi
+      if [ -e $D/criu-kill-second-child ] && [ "$(cat /proc/$runc/task/*/children | wc -w)" -ge 2 ]; then hit=1; fi
       if [ -e $D/criu-kill-grep ]; then
         f=$(cut -d'|' -f1 $D/criu-kill-grep); t=$(cut -d'|' -f2- $D/criu-kill-grep)
         grep -qF "$t" $f 2>/dev/null && hit=1
@@ -267,6 +274,10 @@ if [ -e $D/criu-kill-glob ] || [ -e $D/criu-kill-grep ]; then
 fi
 [ -e $D/criu-sleep ] && sleep "$(cat $D/criu-sleep)"
 [ "$1" = swrk ] && [ -e $D/criu-sleep-swrk ] && sleep "$(cat $D/criu-sleep-swrk)"
+if [ "$1" = swrk ] && [ -e $D/criu-sleep-swrk-nth ]; then
+  n=$(cut -d' ' -f1 $D/criu-sleep-swrk-nth)
+  [ "$(wc -l < $D/criu-swrk-calls)" -eq "$n" ] && sleep "$(cut -d' ' -f2 $D/criu-sleep-swrk-nth)"
+fi
 exec {CRIU} "$@"
 """)
     w.chmod(0o755)

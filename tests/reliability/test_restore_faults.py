@@ -214,3 +214,43 @@ def test_restore_past_its_deadline_is_killed_and_starts_cold(node):
     assert not sleeping, f"the hung CRIU survived: {sleeping}"
     count("faults.restore")
     assert_clean(node, before, "after a restore timed out")
+
+
+def test_criu_killed_while_the_restored_root_holds_the_swrk_socket(node):
+    """CRIU killed as soon as runc has a second child (with `RstSibling`, the restored root task, cloned as
+    runc's child while it still holds the swrk socket): runc 1.1 waits for CRIU only by reading that socket
+    to EOF, so the restore hung until restore_timeout_s.  It must fail within seconds and touch nothing."""
+    write_criu_wrapper(node)
+    dumped = make_checkpoint(node, "ks", size=BIG)
+    node.set_config(restore_timeout_s=60)
+    before = node.snapshot()
+    (node.bin / "criu-kill-second-child").touch()
+    for i in range(3):
+        (node.bin / "criu-killed").unlink(missing_ok=True)
+        t = time.monotonic()
+        msgs = cold_after_failed_restore(node, f"s{i}", "ks", dumped, "restore from ks failed",
+                                         check=lambda: (node.bin / "criu-killed").exists())
+        took = time.monotonic() - t
+        rec = next(r for r in node.runtime_log() if r.get("container") == node.name(f"s{i}")
+                   and r.get("msg", "").startswith("cold start:"))
+        print(f"restore phase {rec['phases']['restore']:.2f}s, create to cold workload {took:.1f}s: {rec['msg'][:200]}")
+        assert rec["phases"]["restore"] < 10, f"the restore waited for a dead CRIU (deadline 60s): {msgs}"
+        assert not any("killed after" in m for m in msgs), msgs
+        count("faults.restore")
+        assert_clean(node, before, "after CRIU died while the restored root held the swrk socket")
+        (node.store / ".quarantine" / "ks.json").unlink(missing_ok=True)
+
+
+def test_restore_deadline_after_the_rootfs_bind_leaves_the_rootfs_intact(node):
+    """The deadline hits while CRIU restores, after runc bind-mounted the rootfs at <root>/<id>/criu-root
+    (runc's deferred unmount never runs in a SIGKILLed runc).  `runc delete --force` on that state dir
+    would RemoveAll *through the bind* and empty the rootfs: the rootfs must come out byte for byte."""
+    write_criu_wrapper(node)
+    dumped = make_checkpoint(node, "kb", size=BIG)
+    before = node.snapshot()
+    node.set_config(restore_timeout_s=3)
+    (node.bin / "criu-swrk-calls").write_text("")  # count this restore's calls: 1 version check, 2 restore
+    (node.bin / "criu-sleep-swrk-nth").write_text("2 60")
+    cold_after_failed_restore(node, "b0", "kb", dumped, "killed after 3s")
+    count("faults.restore")
+    assert_clean(node, before, "after the deadline killed a restore past runc's rootfs bind")

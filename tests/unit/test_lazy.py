@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from warmstart import annotations, lazy
+from warmstart.runc import GlobalOpts
 
 
 def spec(ann: dict[str, str], devices: list[str] | None = None) -> dict:
@@ -117,7 +118,7 @@ def fake_runc(tmp: Path, rc: int) -> Path:
 def test_eager_restore_gets_the_parallel_reads_env(work: Path, monkeypatch) -> None:
     monkeypatch.delenv("CRIU_PARALLEL_READS", raising=False)
     runc = fake_runc(work, 0)
-    p, how = lazy.run_restore(runc, work / "criu", ["restore", "c1"], work, work / "work", spec({}), "c1", [], None,
+    p, how = lazy.run_restore(runc, work / "criu", ["restore", "c1"], work, work / "work", spec({}), "c1", GlobalOpts(), None,
                               eager_env={**os.environ, "CRIU_PARALLEL_READS": "4"})
     assert p.returncode == 0 and how.startswith("eager")
     assert (work / "runc.calls").read_text() == "4 restore c1\n"
@@ -128,7 +129,7 @@ def test_lazy_restore_does_not_get_it_but_its_eager_fallback_does(work: Path, mo
     runc = fake_runc(work, 1)  # the lazy attempt fails: the eager fallback runs
     criu = fake_criu(work, "sleep 30")
     p, how = lazy.run_restore(runc, criu, ["restore", "c1"], work, work / "work",
-                              spec({"warmstart.dev/restore": "lazy"}), "c1", [], None, timeout=10,
+                              spec({"warmstart.dev/restore": "lazy"}), "c1", GlobalOpts(), None, timeout=10,
                               eager_env={**os.environ, "CRIU_PARALLEL_READS": "4"})
     assert how.startswith("eager after lazy failed")
     calls = (work / "runc.calls").read_text().splitlines()
