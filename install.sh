@@ -428,6 +428,13 @@ criu = "$criu"
 # restore_read_threads = 0
 # Env keys whose values are never written to metadata in clear (hashed instead).
 # secret_env_patterns = ["*TOKEN*", "*SECRET*", "*PASSWORD*", "*PASSWD*", "*KEY*", "*CREDENTIAL*", "*AUTH*"]
+# The key that signs this node's checkpoints, and the public keys whose signatures it accepts
+# (add a cluster key shared to every node to restore checkpoints made elsewhere).
+# signing_key = "$ETC/keys/node.key"
+# trusted_keys = ["$ETC/keys/node.pub"]
+# Checkpoints every Kubernetes namespace may restore, as "namespace/checkpoint-id" (default: none,
+# a checkpoint restores only into pods of the namespace that made it; _local = outside Kubernetes).
+# shared_checkpoints = []
 EOF
     chmod 0644 "$ETC/config.toml.tmp"
     mv "$ETC/config.toml.tmp" "$ETC/config.toml"
@@ -462,6 +469,15 @@ PY
       chmod 0700 "$d"; chown root:root "$d"; did+=("$d (mode fixed)")
     fi
   done <<<"$dirs"
+  # The node's signing key: every checkpoint it publishes is signed, every restore checks a signature.
+  if [ ! -f "$ETC/keys/node.key" ]; then
+    mkdir -p -m 0700 "$ETC/keys"
+    local kid
+    kid="$("$VENV/bin/python3" -m warmstart.signing keygen "$ETC/keys/node.key" "$ETC/keys/node.pub")" \
+      || die "could not create the node's signing key in $ETC/keys"
+    did+=("$ETC/keys/node.key (ed25519, key id $kid)")
+  fi
+  chmod 0700 "$ETC/keys"; chmod 0600 "$ETC/keys/node.key"
   # /run is a tmpfs: recreate the state dir at boot on systemd nodes (the runtime creates it too).
   local state_dir
   state_dir="$(tail -n1 <<<"$dirs")"

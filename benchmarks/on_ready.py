@@ -85,7 +85,7 @@ def measure(args: argparse.Namespace, work: Path, node: Path, cfg: Path, cid: st
                     time.sleep(0.02)
             th = threading.Thread(target=hammer, daemon=True)
             th.start()
-            done = node / "store" / cid / "checkpoint.done"
+            done = node / "store" / "default" / cid / "checkpoint.done"  # the pods' namespace
             while not done.exists() and time.monotonic() - t < 600:
                 time.sleep(0.1)
             time.sleep(1)

@@ -6,6 +6,7 @@ node (store, state, logs) at a temp dir with one config file or env var.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -37,6 +38,13 @@ class Settings:
     # Threads that read the pages of an eager restore (warmstart's CRIU patch): 0 = one per CPU
     # (at most 8), 1 = CRIU's own single-threaded reads.
     restore_read_threads: int = 0
+    # The node's ed25519 key that signs each checkpoint it publishes (install.sh creates it, root-only).
+    signing_key: Path = Path("/etc/warmstart/keys/node.key")
+    # Public keys whose signatures this node accepts on restore and pull: its own, and a cluster key if shared.
+    trusted_keys: tuple[Path, ...] = (Path("/etc/warmstart/keys/node.pub"),)
+    # Checkpoints every namespace may restore, as "namespace/id" (the owner's; "_local/id" outside Kubernetes).
+    # Without an entry, a checkpoint restores only into containers of the namespace that made it.
+    shared_checkpoints: tuple[str, ...] = ()
     # Env keys never written to metadata in clear (values are hashed).
     secret_env_patterns: tuple[str, ...] = field(
         default=("*TOKEN*", "*SECRET*", "*PASSWORD*", "*PASSWD*", "*KEY*", "*CREDENTIAL*", "*AUTH*"))
@@ -46,9 +54,10 @@ class Settings:
         return os.environ.get("WARMSTART_CONFIG") or str(DEFAULT_CONFIG)
 
 
-_PATH_KEYS = {"store", "seal_dir", "state_dir", "log_dir", "runc", "criu"}
+_PATH_KEYS = {"store", "seal_dir", "state_dir", "log_dir", "runc", "criu", "signing_key"}
 _INT_KEYS = {"max_restore_failures", "dump_timeout_s", "restore_timeout_s"}
 _COUNT_KEYS = {"restore_read_threads"}  # 0 allowed: "automatic"
+_SHARED_RE = re.compile(r"(_local|[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)/[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
 def load(path: Path | None = None) -> Settings:
@@ -77,6 +86,14 @@ def load(path: Path | None = None) -> Settings:
             if not isinstance(val, int) or isinstance(val, bool) or not 0 <= val <= 64:
                 raise ConfigError(f"{path}: {key} must be an integer from 0 (automatic) to 64, got {val!r}")
             values[key] = val
+        elif key == "trusted_keys":
+            if not isinstance(val, list) or not all(isinstance(v, str) and v.startswith("/") for v in val):
+                raise ConfigError(f"{path}: trusted_keys must be a list of absolute paths to ed25519 public keys")
+            values[key] = tuple(Path(v) for v in val)
+        elif key == "shared_checkpoints":
+            if not isinstance(val, list) or not all(isinstance(v, str) and _SHARED_RE.fullmatch(v) for v in val):
+                raise ConfigError(f"{path}: shared_checkpoints must be a list of \"namespace/checkpoint-id\" strings")
+            values[key] = tuple(val)
         elif key == "secret_env_patterns":
             if not isinstance(val, list) or not all(isinstance(v, str) for v in val):
                 raise ConfigError(f"{path}: secret_env_patterns must be a list of glob strings")

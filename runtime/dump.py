@@ -21,6 +21,8 @@ from .config import Settings
 from .log import Logger, keep_criu_log
 from .phases import Phases
 from .state import ContainerState, StateDir
+from .metadata import SCHEMA_VERSION, Compat
+from .spec import Spec
 from .store import DELETED, DUMP_LOG, ROOTFS_DIFF, Store
 
 
@@ -45,31 +47,30 @@ def redact_env(env: list[str], patterns: tuple[str, ...]) -> list[str]:
     return out
 
 
-def build_metadata(settings: Settings, st: ContainerState, spec: dict[str, Any], phases: dict[str, float],
+def build_metadata(settings: Settings, st: ContainerState, spec: Spec, phases: dict[str, float],
                    stats: dict[str, Any], diff: rootfs.DiffSummary, rootfs_kind: str) -> dict[str, Any]:
-    proc = spec.get("process") or {}
-    ann = spec.get("annotations") or {}
-    linux = spec.get("linux") or {}
+    node = versions.node_versions(settings.runc, settings.criu)
     return {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "id": st.checkpoint_id,
         "id_source": st.id_source,
         "identity": st.identity,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "container": {
             "id": st.container_id,
-            "args": [str(a) for a in proc.get("args") or []],
-            "env": redact_env([str(e) for e in proc.get("env") or []], settings.secret_env_patterns),
-            "cwd": str(proc.get("cwd") or "/"),
-            "image": ann.get("io.kubernetes.cri.image-name") or ann.get("io.containerd.image.name") or "",
-            "hostname": str(spec.get("hostname") or ""),
-            "rootfs": {"kind": rootfs_kind, "readonly": bool((spec.get("root") or {}).get("readonly"))},
+            "args": spec.args,
+            "env": redact_env(spec.env_list, settings.secret_env_patterns),
+            "cwd": spec.cwd,
+            "image": spec.image_name,
+            "hostname": spec.hostname,
+            "rootfs": {"kind": rootfs_kind, "readonly": spec.root_readonly},
             "mounts": [{k: m[k] for k in ("destination", "type", "source", "options") if k in m}
-                       for m in spec.get("mounts") or []],
+                       for m in spec.mounts],
             "cgroup": {"version": versions.cgroup_version(), "path": st.cgroup_path or ""},
-            "namespaces": sorted(str(n.get("type")) for n in linux.get("namespaces") or []),
+            "namespaces": sorted({n.type for n in spec.namespaces}),
         },
-        "versions": versions.node_versions(settings.runc, settings.criu),
+        "compat": Compat.of(spec, st.scope, st.image_fingerprint, node, versions.cgroup_version()).to_json(),
+        "versions": node,
         "dump": {"phases": phases, "criu_stats": stats},
         "rootfs_diff": {"files": diff.files, "deleted": diff.deleted, "bytes": diff.bytes},
         "sizes": {"total_bytes": 0, "files": 0,
@@ -80,7 +81,7 @@ def build_metadata(settings: Settings, st: ContainerState, spec: dict[str, Any],
 
 def dump(settings: Settings, g: runc.GlobalOpts, st: ContainerState, sd: StateDir, log: Logger,
          leave_running: bool = False) -> DumpResult:
-    store = Store(settings)
+    store = Store(settings, st.scope)
     cid = st.checkpoint_id
     ph = Phases()
     with store.lock(cid) as held:
@@ -124,7 +125,7 @@ def dump(settings: Settings, g: runc.GlobalOpts, st: ContainerState, sd: StateDi
                 diff = rootfs.capture(rootfs_dir, sd.baseline, tmp / ROOTFS_DIFF, tmp / DELETED)
             with ph("metadata"):
                 stats = criu.dump_stats(work)
-                meta = build_metadata(settings, st, spec, {}, stats, diff, kind)
+                meta = build_metadata(settings, st, Spec(spec), {}, stats, diff, kind)
                 if cuda_s is not None:
                     meta["dump"]["cuda"] = cuda_s.metadata()
                     gpus = gpu.for_container(gpu.node_inventory(), spec)

@@ -12,10 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import annotations, config, readiness, rootfs, runc, seed, supervisor
+from . import annotations, config, image_id, readiness, rootfs, runc, seed, supervisor, trust
+from .fileutil import write_json_atomic
 from .log import Logger
+from .spec import Spec
 from .state import ContainerState, StateDir
-from .store import Store, write_json_atomic
+from .store import Store, locate
 
 TERM_SIGNALS = {"15", "TERM", "SIGTERM"}
 
@@ -65,33 +67,33 @@ def _inject(spec: dict[str, Any], sd: StateDir, hooks: bool) -> dict[str, Any]:
     return spec
 
 
-def _shares_pid_ns(spec: dict[str, Any]) -> bool:
-    return any(ns.get("type") == "pid" and ns.get("path") for ns in (spec.get("linux") or {}).get("namespaces") or [])
-
-
 def create(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest: list[str], log: Logger) -> int:
     c = runc.CreateArgs.parse(rest)
     log.context = {"container": c.id}
     cfg = c.bundle / "config.json"
     spec = json.loads(cfg.read_text())
+    view = Spec(spec)
     try:
         policy = annotations.policy_from_spec(spec)
-    except annotations.AnnotationError as e:
+        scope = trust.scope_of(view) if policy is not None else ""
+    except (annotations.AnnotationError, trust.TrustError) as e:
         log.error(f"{e}; running the container as plain runc")
         exec_runc(settings.runc, argv)
     if policy is None:
         exec_runc(settings.runc, argv)
     log.context["checkpoint_id"] = policy.checkpoint_id
+    log.context["scope"] = scope
     sd = StateDir(settings.state_dir, c.id)
     sd.create()
+    rootfs_dir = rootfs.rootfs_path(c.bundle, spec)
     st = ContainerState(container_id=c.id, checkpoint_id=policy.checkpoint_id, mode=policy.mode.value,
-                        bundle=str(c.bundle), rootfs=str(rootfs.rootfs_path(c.bundle, spec)), runc_root=g.root,
-                        identity=policy.identity, id_source=policy.id_source, share_pid_ns=_shares_pid_ns(spec),
-                        pid_file=c.pid_file, runc_log=g.log, runc_global=list(g.argv))
-    store = Store(settings)
-    restoring = not st.share_pid_ns and store.exists(policy.checkpoint_id)
+                        bundle=str(c.bundle), rootfs=str(rootfs_dir), runc_root=g.root,
+                        identity=policy.identity, id_source=policy.id_source, share_pid_ns=view.shares_pid_ns,
+                        pid_file=c.pid_file, runc_log=g.log, runc_global=list(g.argv), scope=scope,
+                        image_fingerprint=image_id.fingerprint(rootfs_dir, settings.state_dir))
+    store = locate(settings, scope, policy.checkpoint_id)
+    restoring = not st.share_pid_ns and store is not None
     write_json_atomic(cfg, _inject(spec, sd, hooks=not restoring), mode=0o644)
-    rootfs_dir = Path(st.rootfs)
     if rootfs.overlay_upperdir(rootfs_dir) is None:
         rootfs.take_baseline(rootfs_dir, sd.baseline)  # before any restore diff: later dumps carry it
     sd.save(st)
@@ -101,7 +103,7 @@ def create(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest:
         exec_runc(settings.runc, argv)
     if restoring:
         from .restore import restore  # noqa: PLC0415
-        res = restore(settings, g, c, spec, st, sd, log)
+        res = restore(settings, store, g, c, view, st, sd, log)
         if res.ok:
             st.restored, st.restored_from = True, policy.checkpoint_id
             sd.save(st)
@@ -113,7 +115,7 @@ def create(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest:
     else:
         log.info(f"cold start: no checkpoint {policy.checkpoint_id} in the store yet",
                  will_dump=policy.mode in (annotations.Mode.ON_STOP, annotations.Mode.ON_READY))
-    if policy.mode is annotations.Mode.ON_READY and not store.exists(policy.checkpoint_id):
+    if policy.mode is annotations.Mode.ON_READY and locate(settings, scope, policy.checkpoint_id) is None:
         try:
             readiness.from_spec(spec)  # a bad ready-* annotation: say so now, not in the supervisor
             supervisor.spawn(sd)
@@ -158,13 +160,13 @@ def kill(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest: l
         log.info(f"checkpointed on stop into {res.path}", phases=res.phases)
         return 0  # CRIU stopped the container at the dump: the stop is complete
     if res.stopped:
-        Store(settings).record_dump_failure(st.checkpoint_id, res.reason)
+        Store(settings, st.scope).record_dump_failure(st.checkpoint_id, res.reason)
         log.warning(f"not checkpointed: {res.reason}; the container is already stopped")
         return 0
     if res.skipped:
         log.info(f"not checkpointed: {res.reason}; stopping as plain runc")
     else:
-        Store(settings).record_dump_failure(st.checkpoint_id, res.reason)
+        Store(settings, st.scope).record_dump_failure(st.checkpoint_id, res.reason)
         log.warning(f"not checkpointed: {res.reason}; stopping as plain runc")
     exec_runc(settings.runc, argv)
 

@@ -36,7 +36,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import criu, rootfs
-from .store import write_json_atomic
+from .fileutil import write_json_atomic
 
 # The three path formats of the toolkit's hook tmpfs (resolved: /var/run is usually a link to /run).
 CTK_HOOK_RE = re.compile(r"^(?:/var)?/run/nvidia-ctk-hook(?:[0-9A-Za-z-]+|/[^/]+)?$")

@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import annotations, criu, cuda, gpu, lazy, mounts, procfs, rootfs, runc, versions
+from . import annotations, criu, cuda, gpu, lazy, mounts, procfs, rootfs, runc, trust, versions
 from .config import Settings
 from .log import Logger, keep_criu_log
 from .phases import Phases
 from .state import ContainerState, StateDir
-from .store import DELETED, ROOTFS_DIFF, CheckpointError, Store
+from .metadata import CheckpointMetadata, Compat
+from .spec import Spec
+from .store import DELETED, ROOTFS_DIFF, Checkpoint, CheckpointError, Store
 
 
 @dataclass
@@ -31,30 +33,9 @@ class RestoreResult:
     pid: int | None = None
 
 
-def incompatibility(meta: dict[str, Any], spec: dict[str, Any], node: dict[str, str]) -> str | None:
-    """Why this checkpoint cannot run here, checked before CRIU sees it; None when it can."""
-    v = meta["versions"]
-    if v.get("arch") != node["arch"]:
-        return f"checkpoint arch {v.get('arch')} differs from node arch {node['arch']}"
-    dumped, here = criu.parse_version(v.get("criu", "")), criu.parse_version(node["criu"])
-    if dumped is None or here is None or here[:2] < dumped[:2]:
-        return f"checkpoint made with CRIU {v.get('criu')}; this node has CRIU {node['criu']} (needs >= the dump's)"
-    c = meta["container"]
-    args = [str(a) for a in (spec.get("process") or {}).get("args") or []]
-    if c["args"] != args:
-        return f"container args {args!r} differ from the checkpoint's {c['args']!r}"
-    ann = spec.get("annotations") or {}
-    image = ann.get("io.kubernetes.cri.image-name") or ann.get("io.containerd.image.name") or ""
-    if c.get("image") and image and c["image"] != image:
-        return f"container image {image} differs from the checkpoint's {c['image']}"
-    if c.get("cgroup", {}).get("version") not in (None, versions.cgroup_version()):
-        return f"checkpoint taken on cgroup v{c['cgroup']['version']}, node runs v{versions.cgroup_version()}"
-    return None
-
-
-def cgroup_path(spec: dict[str, Any], container_id: str, systemd: bool) -> str:
+def cgroup_path(spec: Spec, container_id: str, systemd: bool) -> str:
     """The cgroup runc gives the new container (cgroupfs path, or systemd slice:prefix:name expanded)."""
-    raw = str((spec.get("linux") or {}).get("cgroupsPath") or "")
+    raw = spec.cgroups_path
     if systemd and raw.count(":") == 2:
         slice_, prefix, name = raw.split(":")
         slice_ = slice_ or "system.slice"
@@ -68,25 +49,41 @@ def cgroup_path(spec: dict[str, Any], container_id: str, systemd: bool) -> str:
     return raw if raw.startswith("/") else f"/{raw}"
 
 
-def join_namespaces(spec: dict[str, Any]) -> list[str]:
+def join_namespaces(spec: Spec) -> list[str]:
     """Namespaces the new container joins by path (a CRI pod's UTS and IPC) for CRIU's join-ns.
 
     runc 1.1 hands CRIU only net and pid as external; without this the restored
     container would sit in private copies of the *old* pod's UTS and IPC namespaces.
     """
-    out = []
-    for ns in (spec.get("linux") or {}).get("namespaces") or []:
-        if ns.get("type") in ("uts", "ipc") and ns.get("path"):
-            out.append(f"join-ns {ns['type']}:{ns['path']}")
-    return out
+    return [f"join-ns {ns.type}:{ns.path}" for ns in spec.namespaces if ns.type in ("uts", "ipc") and ns.path]
 
 
-def restore(settings: Settings, g: runc.GlobalOpts, c: runc.CreateArgs, spec: dict[str, Any],
+def refusal(settings: Settings, store: Store, ckpt: Checkpoint, spec: Spec, st: ContainerState) -> str | None:
+    """The trust and compatibility checks, before anything is touched: why not to restore, or None.
+
+    A refusal is about this container, not the checkpoint: it never counts towards quarantine
+    (RestoreFailed for a checkpoint whose task images cannot be read does).
+    """
+    node = versions.node_versions(settings.runc, settings.criu, cache_dir=settings.state_dir)
+    here = Compat.of(spec, st.scope, st.image_fingerprint, node, versions.cgroup_version())
+    why = CheckpointMetadata(ckpt.metadata).compat.refusal(here, shared=store.scope != st.scope)
+    if why:
+        return why
+    try:
+        tasks = trust.tasks_cached(ckpt.path, store.derived_cache(ckpt, "security"), ckpt.metadata_sha256)
+    except Exception as e:  # noqa: BLE001 - a corrupt checkpoint: a failure that counts towards quarantine
+        raise RestoreFailed(f"cannot read the checkpoint's task images: {type(e).__name__}: {e}") from None
+    return trust.privilege_refusal(tasks, spec)
+
+
+def restore(settings: Settings, store: Store, g: runc.GlobalOpts, c: runc.CreateArgs, spec: Spec,
             st: ContainerState, sd: StateDir, log: Logger) -> RestoreResult:
-    store = Store(settings)
+    """Restore checkpoint st.checkpoint_id from `store` (the container's scope's, or one shared with it)."""
     ph = Phases()
     cid = st.checkpoint_id
-    q = store.quarantine_state(cid)
+    owner = None if store.scope == st.scope else store.scope  # quarantine counts per restoring scope
+    quarantine = Store(settings, st.scope)
+    q = quarantine.quarantine_state(cid, owner)
     if q.get("quarantined"):
         return RestoreResult(False, f"checkpoint {cid} is quarantined after {q.get('failures')} failed restores "
                                     f"(last: {q.get('last_error')}); clear with `warmstart verify --clear {cid}`")
@@ -99,14 +96,13 @@ def restore(settings: Settings, g: runc.GlobalOpts, c: runc.CreateArgs, spec: di
             with ph("verify"):
                 ckpt = store.open_verified(cid)
             with ph("compatible"):
-                why = incompatibility(ckpt.metadata, spec, versions.node_versions(settings.runc, settings.criu,
-                                                                                    cache_dir=settings.state_dir))
-                mplan = mounts.plan(ckpt.path, spec, cache=store.derived_cache(ckpt, "mounts"),
+                why = refusal(settings, store, ckpt, spec, st)
+                mplan = mounts.plan(ckpt.path, spec.raw, cache=store.derived_cache(ckpt, "mounts"),
                                     key=ckpt.metadata_sha256)  # mounts the new container lacks: refused here
-                here_gpu = gpu.for_container(gpu.node_inventory(), spec) if ckpt.metadata.get("gpu") else None
+                here_gpu = gpu.for_container(gpu.node_inventory(), spec.raw) if ckpt.metadata.get("gpu") else None
                 why = why or mplan.reason or gpu.incompatibility(ckpt.metadata.get("gpu"), here_gpu)
             if why:
-                return RestoreResult(False, f"checkpoint {cid} is incompatible: {why}", ph.timings)
+                return RestoreResult(False, f"checkpoint {cid} refused: {why}", ph.timings)
             with ph("prepare"):
                 shutil.rmtree(work, ignore_errors=True)
                 work.mkdir(mode=0o700, parents=True)
@@ -125,10 +121,12 @@ def restore(settings: Settings, g: runc.GlobalOpts, c: runc.CreateArgs, spec: di
             with ph("restore"):
                 # Images are read in place: CRIU writes only to the work dir (stats, logs),
                 # so the sealed checkpoint stays untouched and may sit on a read-only store.
-                argv = runc.restore_argv(g, settings.criu, c, ckpt.path, work, extra=["--no-subreaper"])
+                lsm = trust.lsm_profile(spec)
+                argv = runc.restore_argv(g, settings.criu, c, ckpt.path, work,
+                                         extra=["--no-subreaper"] + (["--lsm-profile", lsm] if lsm else []))
                 watch = runc.CriuGoneWatch()
                 # stdio inherited: runc hands our fds 0-2 (the shim's pipes) to the restored process
-                p, how = lazy.run_restore(settings.runc, settings.criu, argv, ckpt.path, work, spec, c.id,
+                p, how = lazy.run_restore(settings.runc, settings.criu, argv, ckpt.path, work, spec.raw, c.id,
                                           g, c.pid_file, log, timeout=settings.restore_timeout_s,
                                           eager_env=criu.restore_env(settings.restore_read_threads),
                                           watch=watch)
@@ -145,34 +143,31 @@ def restore(settings: Settings, g: runc.GlobalOpts, c: runc.CreateArgs, spec: di
                     cs = cuda.restore_container(settings.runc, g, c.id, ckpt.metadata,
                                                 gpu.gpu_pairs(ckpt.metadata.get("gpu"), here_gpu))
                 ph.timings.update(cs.timings if cs else {})
-            hooks = annotations.worker_hooks(spec.get("annotations") or {})
+            hooks = annotations.worker_hooks(spec.annotations)
             if hooks.post_restore is not None:  # e.g. vLLM wake_up; a failure is a failed restore (cold start)
                 with ph("post_restore_hook"):
                     from . import hooks_exec  # noqa: PLC0415 - http.client and friends: only when used
-                    hooks_exec.run(hooks.post_restore, settings.runc, g, c.id, spec, hooks.timeout_s, pid=pid)
+                    try:
+                        hooks_exec.run(hooks.post_restore, settings.runc, g, c.id, spec.raw, hooks.timeout_s, pid=pid)
+                    except Exception as e:  # noqa: BLE001 - the worker's own hook: not the checkpoint's fault
+                        raise WorkerHookFailed(f"post-restore hook failed: {e}") from e
             ph.timings.update({f"criu_{k}": v for k, v in criu.restore_stats(work).items() if k.endswith("_time")})
-            store.record_restore(cid, True)
+            quarantine.record_restore(cid, True, owner=owner)
             _keep_logs(settings, c.id, work)
             sd.restored_marker.touch()  # launch.py: `start` is then a no-op without imports
             return RestoreResult(True, f"restored from {cid} (verified by {ckpt.verified_by})", ph.timings, pid)
-        except (CheckpointError, rootfs.RootfsError) as e:
+        except (CheckpointError, rootfs.RootfsError, WorkerHookFailed) as e:
             _cleanup(settings, g, c, rootfs_dir, journal if applied else None, log, st.cgroup_path, work)
-            return RestoreResult(False, f"checkpoint {cid} refused: {e}", ph.timings)
+            what = "restore from" if isinstance(e, WorkerHookFailed) else "checkpoint"
+            return RestoreResult(False, f"{what} {cid} refused: {e}", ph.timings)
         except Exception as e:  # noqa: BLE001 - any failure: undo and start cold
             _cleanup(settings, g, c, rootfs_dir, journal if applied else None, log, st.cgroup_path, work)
             _keep_logs(settings, c.id, work)
-            q = store.record_restore(cid, False, str(e)[:300])
+            q = quarantine.record_restore(cid, False, str(e)[:300], owner=owner)
             extra = " (now quarantined)" if q.get("quarantined") else ""
             if q.get("not_recorded"):
                 extra += f" (the failure count could not be stored: {q['not_recorded']})"
             return RestoreResult(False, f"restore from {cid} failed{extra}: {e}", ph.timings)
-
-
-def _uts_path(spec: dict[str, Any]) -> str | None:
-    for ns in (spec.get("linux") or {}).get("namespaces") or []:
-        if ns.get("type") == "uts":
-            return ns.get("path") or None
-    return None
 
 
 def _in_uts(ns_file: str, hostname: str | None = None) -> str:
@@ -206,12 +201,12 @@ def _in_uts(ns_file: str, hostname: str | None = None) -> str:
     return out
 
 
-def expected_hostname(spec: dict[str, Any]) -> str | None:
+def expected_hostname(spec: Spec) -> str | None:
     """The hostname the new container must have: its pod's (read before CRIU touches it) or the spec's."""
-    path = _uts_path(spec)
-    if path:
-        return _in_uts(path)
-    return spec.get("hostname") or None
+    uts = spec.namespace("uts")
+    if uts and uts.path:
+        return _in_uts(uts.path)
+    return spec.hostname or None
 
 
 def _fix_hostname(pid: int | None, want: str | None) -> None:
@@ -227,6 +222,10 @@ def _fix_hostname(pid: int | None, want: str | None) -> None:
 
 class RestoreFailed(Exception):
     pass
+
+
+class WorkerHookFailed(Exception):
+    """The container's own post-restore hook failed: a cold start, never counted against the checkpoint."""
 
 
 def _reason(runc_log: str | None, work: Path) -> str:

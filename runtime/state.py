@@ -12,7 +12,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .store import write_json_atomic
+from .fileutil import write_json_atomic
 
 
 @dataclass
@@ -33,6 +33,8 @@ class ContainerState:
     pid_file: str | None = None
     runc_log: str | None = None
     runc_global: list[str] = field(default_factory=list)  # the shim's global flags, for later runc calls
+    scope: str = "_local"  # the tenant (trust.scope_of): whose store the checkpoint lives in
+    image_fingerprint: str = ""  # image_id.fingerprint of the rootfs at create, before anything ran
 
 
 class StateDir:

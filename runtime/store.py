@@ -32,6 +32,9 @@ from typing import Any, Iterator
 
 from .annotations import validate_id
 from .config import Settings
+from .trust import K8S_NAMESPACE_RE, LOCAL_SCOPE
+from .fileutil import fsync_path, sha256_file, write_json_atomic  # noqa: F401 - re-exported
+from .signing import SignatureError, TrustPolicy, sign
 
 MARKER = "checkpoint.done"
 METADATA = "metadata.json"
@@ -40,7 +43,6 @@ DELETED = "deleted.files"
 DUMP_LOG = "dump.log"
 CONTROL_FILES = {MARKER, METADATA}
 MAX_METADATA = 16 * 1024 * 1024
-HASH_CHUNK = 4 * 1024 * 1024
 
 
 class CheckpointError(Exception):
@@ -54,49 +56,39 @@ class Checkpoint:
     metadata: dict[str, Any]
     verified_by: str  # "seal" or "hash"
     metadata_sha256: str = ""  # identifies this exact checkpoint: a key for what is derived from it
-
-
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, (os.O_RDONLY | os.O_DIRECTORY) if directory else os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_json_atomic(path: Path, obj: Any, mode: int = 0o600) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    data = json.dumps(obj, indent=1, sort_keys=True).encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    signer: str = ""  # the trusted key that signed it (signing.TrustPolicy.verify)
 
 
 class Store:
-    def __init__(self, settings: Settings):
+    """One scope's checkpoints: `<store>/<scope>/`, laid out as Dynamo's store (see trust.py for scopes)."""
+
+    def __init__(self, settings: Settings, scope: str = LOCAL_SCOPE):
+        if scope != LOCAL_SCOPE and not K8S_NAMESPACE_RE.fullmatch(scope):
+            raise ValueError(f"scope {scope[:80]!r}: not a Kubernetes namespace name or {LOCAL_SCOPE}")
         self.settings = settings
-        self.root = settings.store
-        self.seal_dir = settings.seal_dir
+        self.scope = scope
+        self.root = settings.store / scope
+        self.seal_dir = settings.seal_dir / scope
+        self.policy = TrustPolicy(settings.trusted_keys)
 
     # -- layout ---------------------------------------------------------------
     def path(self, cid: str) -> Path:
         return self.root / validate_id(cid)
 
     def ensure(self) -> None:
-        for d in (self.root, self.root / ".tmp", self.root / ".locks", self.root / ".quarantine", self.seal_dir):
+        for d in (self.settings.store, self.root, self.root / ".tmp", self.root / ".locks", self.root / ".quarantine",
+                  self.settings.seal_dir, self.seal_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    @staticmethod
+    def scopes(settings: Settings) -> list[str]:
+        """The scopes that have a store dir (a dir holding checkpoint.done is a pre-scope checkpoint, not one)."""
+        try:
+            return sorted(p.name for p in settings.store.iterdir() if p.is_dir() and not p.is_symlink()
+                          and (p.name == LOCAL_SCOPE or K8S_NAMESPACE_RE.fullmatch(p.name))
+                          and not (p / MARKER).exists())
+        except FileNotFoundError:
+            return []
 
     def exists(self, cid: str) -> bool:
         """A complete checkpoint is present (cheap; no verification)."""
@@ -162,7 +154,7 @@ class Store:
         # The write-back to disk (fsync) and the hash (reading the page cache) each release the
         # GIL: run them side by side instead of one after the other.  Both end before the marker.
         with ThreadPoolExecutor(max_workers=1) as pool:
-            synced = pool.submit(lambda: [_fsync_path(entry) for entry, _ in files])
+            synced = pool.submit(lambda: [fsync_path(entry) for entry, _ in files])
             manifest = {entry.name: {"sha256": sha256_file(entry), "size": size} for entry, size in files}
             synced.result()
         total = sum(size for _, size in files)
@@ -174,16 +166,20 @@ class Store:
         final = self.path(cid)
         marker = marker_body(cid, final, True, None)
         marker["metadata_sha256"] = sha256_file(tmp / METADATA)  # the manifest cannot cover its own file
+        try:
+            marker["signature"] = sign(self.settings.signing_key, marker["metadata_sha256"])
+        except SignatureError as e:
+            raise CheckpointError(str(e)) from None
         write_json_atomic(tmp / MARKER, marker)
-        _fsync_path(tmp, directory=True)
+        fsync_path(tmp, directory=True)
         if final.exists() or final.is_symlink():
             if (final / MARKER).is_file():
                 raise CheckpointError(f"{cid}: a complete checkpoint already exists; not replacing it")
             self._discard(final)  # a leftover without marker (crash before this design's rename)
         os.rename(tmp, final)
-        _fsync_path(self.root, directory=True)
+        fsync_path(self.root, directory=True)
         (self.root / ".status" / f"{cid}.json").unlink(missing_ok=True)
-        self.seal(cid, final, metadata)
+        self.seal(cid, final, metadata, signer=f"{marker['signature']['key_id']} (this node)")
         return final
 
     def _discard(self, path: Path) -> None:
@@ -217,15 +213,17 @@ class Store:
             out[entry.name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         return out
 
-    def seal(self, cid: str, path: Path, metadata: dict[str, Any]) -> None:
-        """Record what the files looked like right after a full hash check.
+    def seal(self, cid: str, path: Path, metadata: dict[str, Any], signer: str = "") -> None:
+        """Record what the files looked like right after a full hash and signature check.
 
         ctime cannot be set from user space, so any later write to a file is seen
-        by a stat at restore time without rereading GiBs of images.
+        by a stat at restore time without rereading GiBs of images.  The trust
+        policy's fingerprint is recorded too: a changed key list means a full check.
         """
         self.seal_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_json_atomic(self.seal_dir / f"{cid}.json", {
-            "id": cid, "path": str(path), "sealed_at": time.time(),
+            "id": cid, "path": str(path), "sealed_at": time.time(), "signer": signer,
+            "trust": self.policy.fingerprint,
             "metadata_sha256": sha256_file(path / METADATA), "files": self._stat_record(path)})
 
     def _seal_matches(self, cid: str, path: Path) -> str | None:
@@ -238,6 +236,8 @@ class Store:
             return f"unreadable seal ({e})"
         if seal.get("path") != str(path):
             return "seal is for another path"
+        if seal.get("trust") != self.policy.fingerprint:
+            return "sealed under another trust policy"
         now = self._stat_record(path)
         if now != seal.get("files"):
             changed = sorted(set(now) ^ set(seal.get("files") or {}) |
@@ -253,7 +253,8 @@ class Store:
         or with full=True, every file is hashed and the checkpoint re-sealed.
         """
         path = self.path(cid)
-        _check_owned_dir(self.root, "store root")
+        _check_owned_dir(self.settings.store, "store root")
+        _check_owned_dir(self.root, f"store of {self.scope}")
         if not full and self._seal_matches(cid, path) is None:
             _check_owned_dir(path, f"checkpoint {cid}")
             _marker(path)
@@ -261,12 +262,13 @@ class Store:
             seal = json.loads((self.seal_dir / f"{cid}.json").read_text())
             if hashlib.sha256(raw).hexdigest() == seal.get("metadata_sha256"):
                 try:
-                    return Checkpoint(cid, path, json.loads(raw), "seal", seal["metadata_sha256"])
+                    return Checkpoint(cid, path, json.loads(raw), "seal", seal["metadata_sha256"],
+                                      str(seal.get("signer", "")))
                 except ValueError:
                     pass  # cannot happen for a sealed file; fall through to the full check
-        metadata = verify_dir(path, cid)
-        self.seal(cid, path, metadata)
-        return Checkpoint(cid, path, metadata, "hash", sha256_file(path / METADATA))
+        metadata, signer = verify_dir(path, cid, self.policy, self.scope)
+        self.seal(cid, path, metadata, signer)
+        return Checkpoint(cid, path, metadata, "hash", sha256_file(path / METADATA), signer)
 
     def derived_cache(self, ckpt: Checkpoint, name: str) -> Path:
         """A node-local file for data derived from a verified checkpoint (keyed by its metadata hash)."""
@@ -274,7 +276,7 @@ class Store:
 
     def adopt(self, cid: str, tmp: Path) -> Path:
         """Move a checkpoint that came from elsewhere (a registry) into place, after a full check in tmp."""
-        verify_dir(tmp, cid)
+        verify_dir(tmp, cid, self.policy, self.scope)
         final = self.path(cid)
         with self.lock(cid) as held:
             if not held:
@@ -284,33 +286,36 @@ class Store:
             if final.exists() or final.is_symlink():
                 self._discard(final)
             os.rename(tmp, final)
-            _fsync_path(self.root, directory=True)
+            fsync_path(self.root, directory=True)
         self.open_verified(cid, full=True)  # seals it under its final path
         return final
 
     # -- quarantine -----------------------------------------------------------
-    def _qpath(self, cid: str) -> Path:
-        return self.root / ".quarantine" / f"{validate_id(cid)}.json"
+    def _qpath(self, cid: str, owner: str | None = None) -> Path:
+        """Quarantine counts per restoring scope: a shared checkpoint's under `<owner>~<id>` (ids have no '~')."""
+        name = validate_id(cid) if owner is None else f"{Store(self.settings, owner).scope}~{validate_id(cid)}"
+        return self.root / ".quarantine" / f"{name}.json"
 
-    def quarantine_state(self, cid: str) -> dict[str, Any]:
+    def quarantine_state(self, cid: str, owner: str | None = None) -> dict[str, Any]:
         try:
-            return json.loads(self._qpath(cid).read_text())
+            return json.loads(self._qpath(cid, owner).read_text())
         except (OSError, ValueError):
             return {"failures": 0, "quarantined": False}
 
-    def record_restore(self, cid: str, ok: bool, reason: str | None = None) -> dict[str, Any]:
+    def record_restore(self, cid: str, ok: bool, reason: str | None = None, owner: str | None = None) -> dict[str, Any]:
+        qpath = self._qpath(cid, owner)
         if ok:
-            if self._qpath(cid).exists():  # unlink(missing_ok) still fails with EROFS on a read-only store
-                self._qpath(cid).unlink(missing_ok=True)
+            if qpath.exists():  # unlink(missing_ok) still fails with EROFS on a read-only store
+                qpath.unlink(missing_ok=True)
             return {"failures": 0, "quarantined": False}
-        q = self.quarantine_state(cid)
+        q = self.quarantine_state(cid, owner)
         q["failures"] = int(q.get("failures", 0)) + 1
         q["last_error"] = reason
         q["last_failure"] = time.time()
         q["quarantined"] = q["failures"] >= self.settings.max_restore_failures
         try:
             self.ensure()
-            write_json_atomic(self._qpath(cid), q)
+            write_json_atomic(qpath, q)
         except OSError as e:  # a read-only store: the failure still counts for this attempt's message
             q["not_recorded"] = f"{type(e).__name__}: {e.strerror or e}"
         return q
@@ -328,8 +333,8 @@ class Store:
         except (OSError, ValueError):
             return None
 
-    def clear_quarantine(self, cid: str) -> None:
-        self._qpath(cid).unlink(missing_ok=True)
+    def clear_quarantine(self, cid: str, owner: str | None = None) -> None:
+        self._qpath(cid, owner).unlink(missing_ok=True)
 
     # -- gc -------------------------------------------------------------------
     def gc(self, max_tmp_age_s: float = 0) -> list[str]:
@@ -365,6 +370,20 @@ class Store:
         return removed
 
 
+def locate(settings: Settings, scope: str, cid: str) -> Store | None:
+    """The store holding checkpoint `cid` for a container of `scope`: its own, else one the config shares."""
+    own = Store(settings, scope)
+    if own.exists(cid):
+        return own
+    for entry in settings.shared_checkpoints:
+        owner, _, shared_id = entry.partition("/")
+        if shared_id == cid and owner != scope:
+            other = Store(settings, owner)
+            if other.exists(cid):
+                return other
+    return None
+
+
 def _marker(path: Path) -> dict[str, Any]:
     """checkpoint.done's JSON, trusted only when it says success: true (the seed's reader did not check)."""
     raw = _read_control(path / MARKER, 64 * 1024)
@@ -377,8 +396,11 @@ def _marker(path: Path) -> dict[str, Any]:
     return body
 
 
-def verify_dir(path: Path, cid: str) -> dict[str, Any]:
-    """The full check of one checkpoint dir: ownership, marker, schema, metadata hash, every file's hash."""
+def verify_dir(path: Path, cid: str, policy: TrustPolicy, scope: str) -> tuple[dict[str, Any], str]:
+    """The full check of one checkpoint dir: ownership, marker, schema, signature, scope, every file's hash.
+
+    Returns the metadata and who signed it.
+    """
     _check_owned_dir(path, f"checkpoint {cid}")
     body = _marker(path)
     raw = _read_control(path / METADATA, MAX_METADATA)
@@ -393,14 +415,21 @@ def verify_dir(path: Path, cid: str) -> dict[str, Any]:
         raise CheckpointError(f"{METADATA}: {e}") from None
     if hashlib.sha256(raw).hexdigest() != body.get("metadata_sha256"):
         raise CheckpointError(f"{METADATA}: SHA-256 differs from the one recorded in {MARKER} (tampered?)")
+    try:
+        signer = policy.verify(str(body["metadata_sha256"]), body.get("signature"))
+    except SignatureError as e:
+        raise CheckpointError(f"{MARKER}: {e}") from None
     if metadata["id"] != cid:
         raise CheckpointError(f"{METADATA}: id {metadata['id']!r} does not match directory {cid!r}")
+    if metadata["compat"]["scope"] != scope:
+        raise CheckpointError(f"{METADATA}: made in namespace {metadata['compat']['scope']!r}, "
+                              f"found in the store of {scope!r}")
     _check_entries(path, metadata)
     for name, want in metadata["manifest"].items():
         got = sha256_file(path / name)
         if got != want["sha256"]:
             raise CheckpointError(f"{name}: SHA-256 mismatch (manifest {want['sha256'][:12]}…, file {got[:12]}…)")
-    return metadata
+    return metadata, signer
 
 
 def _check_entries(path: Path, metadata: dict[str, Any]) -> None:

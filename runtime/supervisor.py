@@ -20,7 +20,7 @@ from pathlib import Path
 from . import config, procfs, readiness, runc, seed
 from .log import Logger
 from .state import StateDir
-from .store import Store
+from .store import Store, locate
 
 PID_FILE = "supervisor.pid"
 POLL_S = 0.25
@@ -74,7 +74,7 @@ class Supervisor:
         self.g = runc.GlobalOpts.parse(self.st.runc_global)
         self.spec = json.loads((Path(self.st.bundle) / "config.json").read_text())
         self.ready = readiness.from_spec(self.spec)
-        self.store = Store(self.settings)
+        self.store = Store(self.settings, self.st.scope)
         self.pid: int | None = None
 
     def run(self) -> int:
@@ -94,7 +94,7 @@ class Supervisor:
             if not self.sd.exists():
                 log.info("on-ready: the container was deleted before it was ready; not checkpointed")
                 return False
-            if self.store.exists(st.checkpoint_id):
+            if locate(self.settings, st.scope, st.checkpoint_id) is not None:
                 log.info("on-ready: a checkpoint for this id exists already; not checkpointing this container")
                 return False
             if time.monotonic() > deadline:

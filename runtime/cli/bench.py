@@ -167,8 +167,8 @@ class Node:
         self.base, self.lower, self.runtime, self.criu = base, lower, runtime, criu
         self.runc_root = base / "runc-root"
         self.config = base / "config.toml"
-        self.store = base / "store"
-        common = (f'store = "{self.store}"\nseal_dir = "{base}/seals"\nstate_dir = "{base}/state"\n'
+        self.store = base / "store" / "_local"  # containers outside Kubernetes: the _local scope
+        common = (f'store = "{base / "store"}"\nseal_dir = "{base}/seals"\nstate_dir = "{base}/state"\n'
                   f'log_dir = "{base}/logs"\ncriu = "{criu}"\n')
         self.config.write_text(common)
         # the same node with CRIU's own single-threaded page reads: the "before" of parallel reads

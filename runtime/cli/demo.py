@@ -149,7 +149,7 @@ class Demo:
         exit_code = cri.container_status(pod.container).exit_code
         cri.stop_pod(pod.sandbox.id)
         cri.remove_pod(pod.sandbox.id)
-        ck = self.node / "store" / res.checkpoint_id
+        ck = self.node / "store" / "default" / res.checkpoint_id  # the demo pod's namespace
         if not (ck / "checkpoint.done").is_file():
             self.say(f"no checkpoint was made; runtime log: {self.log(pod.container)[-2:]}")
             return False

@@ -281,6 +281,32 @@ def check_dirs(settings):
                         missing_fix=f"the runtime creates it on first use; or install -d -m 0700 {settings.state_dir}"))
 
 
+def check_keys(settings):
+    """The node's signing key (no key: no checkpoint is published) and the keys whose signatures it trusts."""
+    out = []
+    key = settings.signing_key
+    fix = f"{INSTALL_HINT} (it creates {key})"
+    try:
+        st = key.lstat()
+        head = key.read_bytes()[:40]
+    except OSError as e:
+        return [fail("signing_key", f"{key}: {e.strerror}; checkpoints cannot be signed, so none are made", fix)]
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or stat.S_IMODE(st.st_mode) & 0o077:
+        out.append(fail("signing_key", f"{key} must be a root-owned regular file, mode 0600 "
+                        f"(is {stat.S_IMODE(st.st_mode):04o}, uid {st.st_uid})", f"chown root:root {key} && chmod 0600 {key}"))
+    elif not head.startswith(b"-----BEGIN PRIVATE KEY-----"):
+        out.append(fail("signing_key", f"{key} is not a PEM private key", fix))
+    else:
+        out.append(ok("signing_key", f"{key} root 0600"))
+    readable = [k for k in settings.trusted_keys if k.is_file() and k.read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")]
+    if not readable:
+        out.append(fail("trusted_keys", "no readable public key: every restore is refused",
+                        f"set trusted_keys in the config (the node's own: {key.with_suffix('.pub')})"))
+    else:
+        out.append(ok("trusted_keys", ", ".join(str(k) for k in readable)))
+    return out
+
+
 def _cri_runtimes(dump):
     plugins = dump.get("plugins", {})
     for name in ("io.containerd.grpc.v1.cri", "io.containerd.cri.v1.runtime", "cri"):
@@ -486,6 +512,7 @@ def collect(args) -> list[Result]:
     results += check_runc(settings.runc)
     results += check_kernel()
     results += check_dirs(settings)
+    results += check_keys(settings)
     cres, opts = check_containerd(getattr(args, "containerd_config", CONTAINERD_CONFIG) or CONTAINERD_CONFIG)
     results += cres
     runtime = getattr(args, "runtime", None)

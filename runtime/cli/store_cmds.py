@@ -8,23 +8,29 @@ import sys
 from .. import config, identity
 from ..annotations import validate_id
 from ..store import CheckpointError, Store
+from ..trust import LOCAL_SCOPE
 
 
-def _store() -> Store:
-    return Store(config.load())
+def add_scope_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--namespace", default=LOCAL_SCOPE, dest="scope",
+                   help=f"the Kubernetes namespace the checkpoint belongs to (default {LOCAL_SCOPE}: "
+                        "containers started outside Kubernetes)")
+
+
+def _store(args: argparse.Namespace) -> Store:
+    return Store(config.load(), args.scope)
 
 
 def add_list_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
-def run_list(args: argparse.Namespace) -> int:
-    store = _store()
+def _rows(store: Store) -> list[dict]:
     rows = []
     known = set(store.ids())
     for sub in (".status", ".quarantine"):  # ids that failed without a checkpoint dir
         d = store.root / sub
-        known |= {p.stem for p in d.glob("*.json")} if d.is_dir() else set()
+        known |= {p.stem for p in d.glob("*.json") if "~" not in p.stem} if d.is_dir() else set()
     for cid in sorted(known):
         path = store.root / cid
         q = store.quarantine_state(cid)
@@ -33,29 +39,41 @@ def run_list(args: argparse.Namespace) -> int:
         if q.get("quarantined"):
             status = "quarantined"
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path.is_dir() else 0
-        rows.append({"id": cid, "status": status, "bytes": size, "restore_failures": q.get("failures", 0),
+        rows.append({"namespace": store.scope, "id": cid, "status": status, "bytes": size,
+                     "restore_failures": q.get("failures", 0),
                      "last_error": q.get("last_error") or (failed or {}).get("error")})
     tmp = store.root / ".tmp"
     for entry in sorted(tmp.iterdir()) if tmp.is_dir() else []:
         if not entry.name.startswith("trash."):
-            rows.append({"id": entry.name.rsplit(".", 1)[0], "status": "in-progress", "bytes": 0,
-                         "restore_failures": 0, "last_error": None})
+            rows.append({"namespace": store.scope, "id": entry.name.rsplit(".", 1)[0], "status": "in-progress",
+                         "bytes": 0, "restore_failures": 0, "last_error": None})
+    return rows
+
+
+def run_list(args: argparse.Namespace) -> int:
+    settings = config.load()
+    rows = [r for scope in Store.scopes(settings) for r in _rows(Store(settings, scope))]
+    legacy = sorted(m.parent.name for m in settings.store.glob("*/checkpoint.done"))
+    for name in legacy:  # made before checkpoints had a namespace: never restored; `rm -r` them
+        rows.append({"namespace": "", "id": name, "status": "legacy", "bytes": 0, "restore_failures": 0,
+                     "last_error": "made by an older warmstart without a namespace or signature; never restored"})
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'ID':<40} {'STATUS':<12} {'SIZE':>10}  FAILURES")
+    print(f"{'NAMESPACE':<20} {'ID':<40} {'STATUS':<12} {'SIZE':>10}  FAILURES")
     for r in rows:
-        print(f"{r['id']:<40} {r['status']:<12} {r['bytes'] / 2**20:>8.1f}Mi  {r['restore_failures']}"
-              + (f"  ({r['last_error']})" if r["last_error"] else ""))
+        print(f"{r['namespace']:<20} {r['id']:<40} {r['status']:<12} {r['bytes'] / 2**20:>8.1f}Mi  "
+              f"{r['restore_failures']}" + (f"  ({r['last_error']})" if r["last_error"] else ""))
     return 0
 
 
 def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("id", type=validate_id)
+    add_scope_argument(p)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    store = _store()
+    store = _store(args)
     path = store.path(args.id)
     try:
         meta = json.loads((path / "metadata.json").read_text())
@@ -69,11 +87,12 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("id", type=validate_id)
+    add_scope_argument(p)
     p.add_argument("--clear", action="store_true", help="also clear a quarantine after a successful check")
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    store = _store()
+    store = _store(args)
     try:
         ck = store.open_verified(args.id, full=True)
     except CheckpointError as e:
@@ -81,18 +100,19 @@ def run_verify(args: argparse.Namespace) -> int:
         return 1
     if args.clear:
         store.clear_quarantine(args.id)
-    print(f"{args.id}: ok ({len(ck.metadata['manifest'])} files hashed, sealed)"
+    print(f"{args.id}: ok ({len(ck.metadata['manifest'])} files hashed, signed by {ck.signer}, sealed)"
           + ("; quarantine cleared" if args.clear else ""))
     return 0
 
 
 def add_remove_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("id", type=validate_id)
+    add_scope_argument(p)
 
 
 def run_remove(args: argparse.Namespace) -> int:
     try:
-        existed = _store().remove(args.id)
+        existed = _store(args).remove(args.id)
     except CheckpointError as e:
         print(f"warmstart remove: {e}", file=sys.stderr)
         return 1
@@ -106,7 +126,8 @@ def add_gc_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_gc(args: argparse.Namespace) -> int:
-    removed = _store().gc(max_tmp_age_s=args.min_age)
+    settings = config.load()
+    removed = [r for scope in Store.scopes(settings) for r in Store(settings, scope).gc(max_tmp_age_s=args.min_age)]
     for r in removed:
         print(f"removed {r}")
     print(f"gc: {len(removed)} removed")

@@ -60,7 +60,19 @@ def make_rootfs(base: Path) -> Path:
     (root / "etc" / "hostname").write_text("template\n")
     (root / "workload.py").write_text(WORKLOAD)
     (root / "family.py").write_text(FAMILY)
+    pin_mtimes(root)
     return root
+
+
+IMAGE_MTIME = 1_700_000_000
+
+
+def pin_mtimes(root: Path) -> None:
+    """Give every file the same mtime, as an image layer's tar does: the same image on two nodes (or
+    written twice by a test) then has the same fingerprint (runtime/image_id.py)."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            os.utime(Path(dirpath) / name, (IMAGE_MTIME, IMAGE_MTIME), follow_symlinks=False)
 
 
 def spec(args: list[str], annotations: dict[str, str], hostname: str, cgroups_path: str) -> dict:
@@ -274,10 +286,12 @@ class Node:
     def __post_init__(self) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
         self.base.chmod(0o700)
-        self.store = self.base / "store"
+        self.store_root = self.base / "store"
+        self.store = self.store_root / "_local"  # the scope of containers outside Kubernetes (trust.LOCAL_SCOPE)
+        self.seals = self.base / "seals" / "_local"
         self.config = self.base / "config.toml"
         self.config.write_text(
-            f'store = "{self.store}"\nseal_dir = "{self.base}/seals"\nstate_dir = "{self.base}/state"\n'
+            f'store = "{self.store_root}"\nseal_dir = "{self.base}/seals"\nstate_dir = "{self.base}/state"\n'
             f'log_dir = "{self.base}/logs"\ncriu = "/usr/local/sbin/criu"\n')
         self.root = self.base / "runc-root"
         self.template = make_rootfs(self.base)
@@ -328,7 +342,7 @@ def reseal(node: Node, cid: str) -> None:
     for name in meta["manifest"]:
         meta["manifest"][name] = {"sha256": store.sha256_file(path / name), "size": (path / name).stat().st_size}
     (path / "metadata.json").write_text(json.dumps(meta))
-    store.Store(config.load(node.config)).seal(cid, path, meta)
+    store.Store(config.load(node.config)).seal(cid, path, meta)  # the _local scope, as node.store
 
 
 def wait_exit(pid: int, timeout: float = 30) -> bool:

@@ -23,7 +23,7 @@ SEED_ENV = {"DYN_CHECKPOINT_SIGNAL_FILE": "/tmp/checkpoint-signal.json",
 
 
 def _store(cfg: Path) -> Path:
-    return cfg.parent / "checkpoints"
+    return cfg.parent / "checkpoints" / "default"  # the pods' namespace: its scope in the store
 
 
 def _log(cfg: Path) -> list[dict]:

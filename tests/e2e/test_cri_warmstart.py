@@ -20,7 +20,7 @@ ARGS = ["--port", str(PORT), "--state-mb", "32", "--rounds", "1"]
 
 
 def _store(cfg: Path) -> Path:
-    return cfg.parent / "checkpoints"
+    return cfg.parent / "checkpoints" / "default"  # the pods' namespace: its scope in the store
 
 
 def _log(cfg: Path) -> list[dict]:

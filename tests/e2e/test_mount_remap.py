@@ -63,6 +63,7 @@ def make(node: shim.Node, name: str, cid: str, fmt: str = "suffix", vol: str | N
     c = node.container(name, {"warmstart.dev/checkpoint": "on-stop", "warmstart.dev/id": cid},
                        args=["python3", "/mworkload.py"])
     (c.bundle / "rootfs" / "mworkload.py").write_text(WORKLOAD)
+    shim.pin_mtimes(c.bundle / "rootfs")  # the same image for each container of this test
     cfg = json.loads((c.bundle / "config.json").read_text())
     if hook:
         cfg["hooks"] = {"createContainer": [{"path": str(HOOK), "args": [
@@ -113,6 +114,7 @@ def test_ctk_hook_tmpfs_and_changed_volume_are_restored(dnode, fmt):
 def test_missing_volume_means_cold_start_with_reason(dnode):
     _, before = first(dnode, "mr-missing", "suffix")
     b = make(dnode, "m3", "mr-missing", "suffix", vol=None)
+    (b.bundle / "rootfs" / "vol").mkdir()  # the same image: only the spec lacks the volume
     b.create()
     b.start()
     ready = b.readline()

@@ -78,7 +78,7 @@ def test_push_pull_restore_on_another_node(node, registry, tmp_path_factory):
         out = ws(other, "pull", f"{registry}/ckpt/shipped:v1", "--tls-verify", "false").stdout
         assert "shipped: pulled" in out
         ck = other.store / "shipped"
-        assert (ck / "checkpoint.done").is_file() and (other.base / "seals" / "shipped.json").is_file()
+        assert (ck / "checkpoint.done").is_file() and (other.seals / "shipped.json").is_file()
         assert {f.name for f in ck.iterdir()} == {f.name for f in (node.store / "shipped").iterdir()}
         assert all(oct(f.stat().st_mode & 0o777) == "0o600" for f in ck.iterdir())
         b = other.container("dst", ann)

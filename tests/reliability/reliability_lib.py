@@ -70,7 +70,7 @@ class RNode(shim.Node):
 
     def set_config(self, **kw: object) -> None:
         self.extra_config.update(kw)
-        lines = [f'store = "{self.store}"', f'seal_dir = "{self.base}/seals"', f'state_dir = "{self.base}/state"',
+        lines = [f'store = "{self.store_root}"', f'seal_dir = "{self.base}/seals"', f'state_dir = "{self.base}/state"',
                  f'log_dir = "{self.base}/logs"']
         merged = {"criu": str(CRIU), **self.extra_config}
         for k, v in merged.items():
@@ -167,9 +167,9 @@ def start_ready(c: shim.Container) -> dict:
 
 
 def make_checkpoint(node: RNode, cid: str, short: str = "dumper", size: int = 8 << 20, asks: int = 2,
-                    **kw) -> dict:
+                    annotations: dict[str, str] | None = None, **kw) -> dict:
     """A real checkpoint of a running workload; returns what the workload said (random, counter)."""
-    c = node.ctr(short, ann(cid), size=size, **kw)
+    c = node.ctr(short, annotations or ann(cid), size=size, **kw)
     ready = start_ready(c)
     last = {}
     for _ in range(asks):
@@ -177,7 +177,8 @@ def make_checkpoint(node: RNode, cid: str, short: str = "dumper", size: int = 8 
     p = c.stop()
     c.delete()
     assert p.returncode == 0, p.stderr
-    assert (node.store / cid / "checkpoint.done").is_file(), node.log_msgs()
+    scope = (annotations or {}).get("io.kubernetes.cri.sandbox-namespace", "_local")
+    assert (node.store_root / scope / cid / "checkpoint.done").is_file(), node.log_msgs()
     return {"random": ready["random"], "counter": last["counter"]}
 
 
@@ -201,12 +202,14 @@ def rootfs_listing(root: Path) -> dict[str, tuple]:
     return out
 
 
-def reseal_manifest(path: Path) -> None:
+def reseal_manifest(path: Path, sign: bool = True) -> None:
     """After editing files of a checkpoint: rewrite the manifest and the marker's metadata hash to match.
 
     This makes a damaged checkpoint *consistent*, so that what refuses it is the
     check under test (rootfs diff validation, schema, …) and not the hash check.
-    The node's seal is dropped, so the next restore verifies everything.
+    With `sign`, it is signed again with the node's key: a hostile checkpoint from a
+    trusted signer (a compromised node sharing a cluster key) still meets every other
+    check.  Without, it is what a forger without the key can make.
     """
     meta = json.loads((path / "metadata.json").read_text())
     manifest = {}
@@ -215,20 +218,23 @@ def reseal_manifest(path: Path) -> None:
             continue
         manifest[f.name] = {"sha256": hashlib.sha256(f.read_bytes()).hexdigest(), "size": f.stat().st_size}
     meta["manifest"] = manifest
-    write_meta(path, meta)
+    write_meta(path, meta, sign)
 
 
-def write_meta(path: Path, meta: dict) -> None:
+def write_meta(path: Path, meta: dict, sign: bool = True) -> None:
     raw = json.dumps(meta, indent=1, sort_keys=True).encode()
     (path / "metadata.json").write_bytes(raw)
     os.chmod(path / "metadata.json", 0o600)
     marker = json.loads((path / "checkpoint.done").read_text())
     marker["metadata_sha256"] = hashlib.sha256(raw).hexdigest()
+    if sign:
+        from warmstart import config, signing  # noqa: PLC0415 - the node key install.sh made
+        marker["signature"] = signing.sign(config.Settings().signing_key, marker["metadata_sha256"])
     (path / "checkpoint.done").write_text(json.dumps(marker))
 
 
 def drop_seal(node: RNode, cid: str) -> None:
-    (node.base / "seals" / f"{cid}.json").unlink(missing_ok=True)
+    (node.seals / f"{cid}.json").unlink(missing_ok=True)
 
 
 def write_criu_wrapper(node: RNode) -> Path:

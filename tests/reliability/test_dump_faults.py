@@ -118,7 +118,7 @@ def _children_of_none(cid: str) -> list[int]:
 @pytest.fixture
 def small_store(node: RNode):
     """The store on a 24 MiB tmpfs."""
-    node.store.mkdir(mode=0o700)
+    node.store.mkdir(mode=0o700, parents=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "tmpfs", str(node.store)], check=True)
     node.mounts.append(node.store)
     yield node
@@ -160,7 +160,7 @@ def test_store_full_during_rootfs_diff(small_store: RNode):
 
 
 def test_store_read_only(node: RNode):
-    node.store.mkdir(mode=0o700)
+    node.store.mkdir(mode=0o700, parents=True)
     for d in (".tmp", ".locks", ".quarantine"):
         (node.store / d).mkdir(mode=0o700)
     subprocess.run(["mount", "--bind", str(node.store), str(node.store)], check=True)

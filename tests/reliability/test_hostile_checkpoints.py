@@ -46,6 +46,7 @@ def reset(n: RNode) -> Path:
     subprocess.run(["cp", "-a", str(n.pristine), str(path)], check=True)
     drop_seal(n, CID)
     (n.store / ".quarantine" / f"{CID}.json").unlink(missing_ok=True)
+    n.store_root.chmod(0o700)
     n.store.chmod(0o700)
     return path
 
@@ -188,7 +189,7 @@ def metadata_fifo(p: Path, n: RNode) -> str:
 
 
 def store_world_writable(p: Path, n: RNode) -> str:
-    n.store.chmod(0o777)
+    n.store_root.chmod(0o777)
     return "store root"
 
 

@@ -153,7 +153,8 @@ def test_diff_needs_a_dir_where_the_new_rootfs_has_a_file(node: RNode):
         (c.bundle / "rootfs" / "data").rmdir()
         (c.bundle / "rootfs" / "data").write_text("I am a file\n")
     # the cold workload cannot write /data/written.txt either: it exits; create and the refusal matter here
-    cold_after_failed_restore(node, "n1", "nd", dumped, "parent 'data' is not a plain directory",
+    # /data is a file in this image: a different image, refused before the diff is even looked at
+    cold_after_failed_restore(node, "n1", "nd", dumped, "container image differs",
                               expect_workload=False, prepare=data_is_a_file)
     count("faults.restore")
     assert_clean(node, before, "after a diff that could not apply")

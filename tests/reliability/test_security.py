@@ -32,9 +32,10 @@ def test_store_and_logs_root_only_and_no_secrets_in_clear(node: RNode):
     ck = node.store / "sec"
     assert (ck / "checkpoint.done").is_file()
     # permissions: dirs 0700, files 0600, all root
-    for d in (node.store, ck, node.base / "seals", node.base / "logs", node.store / ".locks", node.store / ".tmp"):
+    for d in (node.store_root, node.store, ck, node.base / "seals", node.seals, node.base / "logs", node.store / ".locks",
+              node.store / ".tmp"):
         assert mode(d) == 0o700 and d.lstat().st_uid == 0, (d, oct(mode(d)))
-    for f in list(ck.iterdir()) + list((node.base / "logs").iterdir()) + list((node.base / "seals").iterdir()):
+    for f in list(ck.iterdir()) + list((node.base / "logs").iterdir()) + list(node.seals.iterdir()):
         assert mode(f) == 0o600 and f.lstat().st_uid == 0, (f, oct(mode(f)))
     # restore once, so restore logs exist too
     r = node.ctr("sec2", ann("sec"))
@@ -53,7 +54,7 @@ def test_store_and_logs_root_only_and_no_secrets_in_clear(node: RNode):
     assert env["PLAIN_SETTING"] == "visible-123"
     texts = [ck / "metadata.json", ck / "checkpoint.done", ck / "dump.log", node.base / "logs" / "runtime.log",
              c.bundle / "log.json", r.bundle / "log.json", *(node.base / "logs").glob("restore-*.log"),
-             *(node.base / "seals").iterdir()]
+             *node.seals.iterdir()]
     for t in texts:
         data = t.read_bytes()
         for k, v in SECRETS.items():
@@ -93,13 +94,13 @@ def test_passthrough_runs_only_the_configured_runc(node: RNode, tmp_path):
 
 @pytest.mark.parametrize("problem", ["group_readable", "world_writable", "not_root"])
 def test_doctor_flags_an_unsafe_store(node: RNode, problem: str):
-    node.store.mkdir(mode=0o700, exist_ok=True)
+    node.store_root.mkdir(mode=0o700, exist_ok=True)
     if problem == "group_readable":
-        node.store.chmod(0o750)
+        node.store_root.chmod(0o750)
     elif problem == "world_writable":
-        node.store.chmod(0o777)
+        node.store_root.chmod(0o777)
     else:
-        os.chown(node.store, 1000, 1000)
+        os.chown(node.store_root, 1000, 1000)
     p = subprocess.run(["warmstart", "doctor", "--json"], capture_output=True, text=True,
                        env={**os.environ, **node.env()}, timeout=180)
     rows = [r for r in json.loads(p.stdout) if r["check"] == "store"]

@@ -12,6 +12,7 @@ import pytest
 
 from warmstart import store as store_mod
 from warmstart.config import Settings
+from warmstart import signing
 from warmstart.store import MARKER, METADATA, CheckpointError, Store
 
 CID = "ck-1"
@@ -21,10 +22,13 @@ FILES = {"inventory.img": b"\x01inventory" * 10, "pages-1.img": bytes(range(256)
 
 def meta(cid: str = CID) -> dict:
     return {
-        "schema_version": 1, "id": cid, "id_source": "id", "identity": None, "created": "2025-01-01T00:00:00Z",
+        "schema_version": 2, "id": cid, "id_source": "id", "identity": None, "created": "2025-01-01T00:00:00Z",
         "container": {"id": "c1", "args": ["srv"], "env": ["PATH=/bin"], "cwd": "/", "image": "img:1",
                       "hostname": "", "rootfs": {"kind": "overlay", "readonly": False}, "mounts": [],
                       "cgroup": {"version": 2, "path": "/k8s/c1"}, "namespaces": ["mount", "pid"]},
+        "compat": {"scope": "_local", "args": ["srv"], "image_name": "img:1", "image_fingerprint": "sha256:" + "a" * 64,
+                   "namespaces": ["mount", "pid"], "id_mappings": {"uidMappings": [], "gidMappings": []},
+                   "seccomp_sha256": "", "cgroup_version": 2, "arch": "x86_64", "criu": "4.1"},
         "versions": {"criu": "4.1", "runc": "1.2.0", "kernel": "6.18", "arch": "x86_64", "warmstart": "0.1.0"},
         "dump": {"phases": {"checkpoint": 1.5}, "criu_stats": {}},
         "rootfs_diff": {"files": 0, "deleted": 1, "bytes": 0},
@@ -35,8 +39,10 @@ def meta(cid: str = CID) -> dict:
 
 @pytest.fixture
 def store(tmp_path) -> Store:
+    signing.keygen(tmp_path / "node.key", tmp_path / "node.pub")
     return Store(Settings(store=tmp_path / "store", seal_dir=tmp_path / "seals", state_dir=tmp_path / "state",
-                          log_dir=tmp_path / "log", max_restore_failures=2))
+                          log_dir=tmp_path / "log", max_restore_failures=2, signing_key=tmp_path / "node.key",
+                          trusted_keys=(tmp_path / "node.pub",)))
 
 
 def publish(store: Store, cid: str = CID, files: dict[str, bytes] = FILES) -> Path:
@@ -111,16 +117,21 @@ def test_bit_flip_caught_by_full_verify_even_with_fresh_seal(store, ck):
         store.open_verified(CID, full=True)
 
 
-def _rewrite_metadata(ck: Path, m: dict, fix_marker: bool) -> None:
+def _rewrite_metadata(ck: Path, m: dict, fix_marker: bool | str) -> None:
+    """fix_marker: True = a forger who also updates the marker's record of metadata.json (no key);
+    "signed" = the same by the holder of the node's key, so that the check under test is what refuses."""
     (ck / METADATA).write_text(json.dumps(m))
-    if fix_marker:  # a forger who also updates the marker's record of metadata.json
+    if fix_marker:
         body = json.loads((ck / MARKER).read_text())
         body["metadata_sha256"] = hashlib.sha256((ck / METADATA).read_bytes()).hexdigest()
+        if fix_marker == "signed":
+            body["signature"] = signing.sign(ck.parent.parent.parent / "node.key", body["metadata_sha256"])
         (ck / MARKER).write_text(json.dumps(body))
 
 
 @pytest.mark.parametrize("fix_marker, needle", [(False, "metadata.json: SHA-256 differs"),
-                                                (True, "dump.log: SHA-256 mismatch")])
+                                                (True, "signature by key .* does not match"),
+                                                ("signed", "dump.log: SHA-256 mismatch")])
 def test_metadata_manifest_edited(store, ck, fix_marker, needle):
     m = json.loads((ck / METADATA).read_text())
     m["manifest"]["dump.log"]["sha256"] = "0" * 64
@@ -132,13 +143,13 @@ def test_metadata_not_json_or_schema_invalid(store, ck):
     (ck / METADATA).write_text("{not json")
     refused(store, "metadata.json: not JSON")
     m = meta()
-    m["schema_version"] = 2
+    m["schema_version"] = 1  # made before checkpoints had a namespace
     (ck / METADATA).write_text(json.dumps(m))
     refused(store, "metadata.json: metadata field schema_version")
 
 
 @pytest.mark.parametrize("fix_marker, needle", [(False, "metadata.json: SHA-256 differs"),
-                                                (True, "metadata.json: id 'other' does not match")])
+                                                ("signed", "metadata.json: id 'other' does not match")])
 def test_metadata_id_mismatch(store, ck, fix_marker, needle):
     m = json.loads((ck / METADATA).read_text())
     m["id"] = "other"
