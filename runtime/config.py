@@ -37,6 +37,9 @@ class Settings:
     # Threads that read the pages of an eager restore (warmstart's CRIU patch): 0 = one per CPU
     # (at most 8), 1 = CRIU's own single-threaded reads.
     restore_read_threads: int = 0
+    # Most bytes one `warmstart pull` may write under the store (downloaded layer + unpacked files); a pull
+    # is also held to the store filesystem's free space.
+    max_pull_bytes: int = 256 << 30
     # Env keys never written to metadata in clear (values are hashed).
     secret_env_patterns: tuple[str, ...] = field(
         default=("*TOKEN*", "*SECRET*", "*PASSWORD*", "*PASSWD*", "*KEY*", "*CREDENTIAL*", "*AUTH*"))
@@ -47,7 +50,7 @@ class Settings:
 
 
 _PATH_KEYS = {"store", "seal_dir", "state_dir", "log_dir", "runc", "criu"}
-_INT_KEYS = {"max_restore_failures", "dump_timeout_s", "restore_timeout_s"}
+_INT_KEYS = {"max_restore_failures", "dump_timeout_s", "restore_timeout_s", "max_pull_bytes"}
 _COUNT_KEYS = {"restore_read_threads"}  # 0 allowed: "automatic"
 
 
