@@ -426,6 +426,9 @@ criu = "$criu"
 # Threads that read an eager restore's pages (warmstart's CRIU patch): 0 = one per CPU (<= 8),
 # 1 = CRIU's own single-threaded reads.
 # restore_read_threads = 0
+# Most bytes one "warmstart pull" may write under the store (layer + unpacked files), 256 GiB;
+# a pull is also held to the free space of the store's filesystem.
+# max_pull_bytes = 274877906944
 # Env keys whose values are never written to metadata in clear (hashed instead).
 # secret_env_patterns = ["*TOKEN*", "*SECRET*", "*PASSWORD*", "*PASSWD*", "*KEY*", "*CREDENTIAL*", "*AUTH*"]
 # The key that signs this node's checkpoints, and the public keys whose signatures it accepts

@@ -38,6 +38,9 @@ class Settings:
     # Threads that read the pages of an eager restore (warmstart's CRIU patch): 0 = one per CPU
     # (at most 8), 1 = CRIU's own single-threaded reads.
     restore_read_threads: int = 0
+    # Most bytes one `warmstart pull` may write under the store (downloaded layer + unpacked files); a pull
+    # is also held to the store filesystem's free space.
+    max_pull_bytes: int = 256 << 30
     # The node's ed25519 key that signs each checkpoint it publishes (install.sh creates it, root-only).
     signing_key: Path = Path("/etc/warmstart/keys/node.key")
     # Public keys whose signatures this node accepts on restore and pull: its own, and a cluster key if shared.
@@ -55,7 +58,7 @@ class Settings:
 
 
 _PATH_KEYS = {"store", "seal_dir", "state_dir", "log_dir", "runc", "criu", "signing_key"}
-_INT_KEYS = {"max_restore_failures", "dump_timeout_s", "restore_timeout_s"}
+_INT_KEYS = {"max_restore_failures", "dump_timeout_s", "restore_timeout_s", "max_pull_bytes"}
 _COUNT_KEYS = {"restore_read_threads"}  # 0 allowed: "automatic"
 _SHARED_RE = re.compile(r"(_local|[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)/[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 

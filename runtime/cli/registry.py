@@ -10,6 +10,7 @@ from pathlib import Path
 from .. import config, oci
 from ..annotations import validate_id
 from ..store import CheckpointError, Store
+from .store_cmds import add_scope_argument
 
 
 def _tls(p: argparse.ArgumentParser) -> None:
@@ -21,18 +22,24 @@ def _tls(p: argparse.ArgumentParser) -> None:
 def add_push_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("id", type=validate_id)
     p.add_argument("ref", help="image reference, e.g. registry.local:5000/checkpoints/qwen:7341f4ec")
+    add_scope_argument(p)
     _tls(p)
 
 
 def add_pull_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ref", help="image reference pushed by `warmstart push`")
+    p.add_argument("--id", type=validate_id,
+                   help="the checkpoint id the image must hold (its warmstart.dev/checkpoint-id); refused otherwise")
+    add_scope_argument(p)  # the checkpoint's own (signed) namespace must be this one
     _tls(p)
 
 
 def _skopeo_flags(args: argparse.Namespace, side: str) -> list[str]:
-    flags = [f"--{side}-tls-verify={args.tls_verify}"]
+    """TLS and credential flags; side "src"/"dest" for skopeo copy, "" for skopeo inspect."""
+    prefix = f"--{side}-" if side else "--"
+    flags = [f"{prefix}tls-verify={args.tls_verify}"]
     if args.authfile:
-        flags.append(f"--{side}-authfile={args.authfile}")
+        flags.append(f"{prefix}authfile={args.authfile}")
     return flags
 
 
@@ -43,7 +50,7 @@ def _ref(ref: str) -> str:
 
 
 def run_push(args: argparse.Namespace) -> int:
-    store = Store(config.load())
+    store = Store(config.load(), args.scope)
     ref = _ref(args.ref)
     try:
         ckpt = store.open_verified(args.id, full=True)  # never ship a damaged checkpoint
@@ -64,7 +71,8 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 def run_pull(args: argparse.Namespace) -> int:
-    store = Store(config.load())
+    settings = config.load()
+    store = Store(settings, args.scope)
     ref = _ref(args.ref)
     # Downloads go under <store>/.tmp/pull.<rand> (same filesystem: adopting is a rename);
     # the shared "pull" lock keeps `warmstart gc` off them while they run.
@@ -73,8 +81,12 @@ def run_pull(args: argparse.Namespace) -> int:
         layout, unpacked = work / "layout", work / "checkpoint"
         unpacked.mkdir(mode=0o700)
         try:
-            oci.skopeo_copy(f"docker://{ref}", f"oci:{layout}:checkpoint", _skopeo_flags(args, "src"))
-            cid = oci.import_layout(layout, unpacked)
+            # The manifest is checked (size budget, --id) before a byte is downloaded, and the copy is
+            # pinned to its digest; import_layout checks the downloaded copy again and bounds the unpacking.
+            pinned, max_file = oci.check_remote(ref, _skopeo_flags(args, ""),
+                                                oci.budget(work, settings.max_pull_bytes), args.id)
+            oci.skopeo_copy(f"docker://{pinned}", f"oci:{layout}:checkpoint", _skopeo_flags(args, "src"), max_file)
+            cid = oci.import_layout(layout, unpacked, settings.max_pull_bytes, args.id)
             shutil.rmtree(layout)  # the layer blob: no need to hold the bytes twice
             store.adopt(cid, unpacked)
         except (oci.OciError, CheckpointError, ValueError) as e:

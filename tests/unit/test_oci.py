@@ -1,0 +1,219 @@
+"""Pulled checkpoint images are hostile: oci.import_layout on layouts an attacker built.
+
+Each hostile case must be refused with OciError (never another exception), and must not have
+written more than its manifest allows into the destination dir. The builders here (layout, entry,
+control, sparse_entry) are also used by tests/reliability/test_hostile_pulls.py, which pushes some
+of these layouts to a real registry.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import pytest
+from test_store import CID, meta, publish, store  # noqa: F401 - store is a fixture
+
+from warmstart import config, oci, signing
+from warmstart.store import MARKER, METADATA, sha256_file
+
+BIG = 64 << 20  # what a hostile entry expands to; its layer is a few KiB
+CAP = 1 << 40
+
+
+def entry(name: str, data: bytes | int, **attrs: object) -> Iterator[bytes]:
+    """One pax tar entry, streamed; an int `data` is that many zero bytes. attrs set TarInfo fields."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = data if isinstance(data, int) else len(data), 0o600, 1_700_000_000
+    for k, v in attrs.items():
+        setattr(info, k, v)
+    yield info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    if isinstance(data, bytes):
+        yield data
+    else:
+        for done in range(0, data, 1 << 20):
+            yield bytes(min(1 << 20, data - done))
+    yield bytes(-info.size % 512)
+
+
+def control(sizes: dict[str, int], signing_key: Path | None = None) -> list[Iterator[bytes]]:
+    """metadata.json (schema-valid, its manifest listing `sizes`) and checkpoint.done, as a push writes them;
+    signed with `signing_key` when given (an unsigned checkpoint is refused once unpacked)."""
+    m = meta(CID)
+    m["manifest"] = {name: {"sha256": "0" * 64, "size": n} for name, n in sizes.items()}
+    raw = json.dumps(m).encode()
+    body = {"success": True, "metadata_sha256": hashlib.sha256(raw).hexdigest()}
+    if signing_key is not None:
+        body["signature"] = signing.sign(signing_key, body["metadata_sha256"])
+    return [entry(METADATA, raw), entry(MARKER, json.dumps(body).encode())]
+
+
+def sparse_entry(name: str, real_size: int, pax: bool) -> Iterator[bytes]:
+    """A 512-byte sparse file that unpacks to `real_size` bytes: GNU 'S' header, or GNU sparse 1.0 in pax."""
+    if pax:
+        headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": name,
+                   "GNU.sparse.realsize": str(real_size)}
+        yield from entry(f"GNUSparseFile.0/{name}", b"1\n0\n512\n".ljust(512, b"\0") + b"x" * 512,
+                         pax_headers=headers)
+        return
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.mode = tarfile.GNUTYPE_SPARSE, 512, 0o600
+    buf = bytearray(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+    buf[386:410] = b"%011o\0%011o\0" % (0, 512)  # one data region, then a hole up to the real size
+    buf[483:495] = b"%011o\0" % real_size
+    buf[148:156] = b"%06o\0 " % tarfile.calc_chksums(bytes(buf))[0]
+    yield bytes(buf)
+    yield b"x" * 512
+
+
+def layout(path: Path, entries: Iterable[Iterable[bytes]], gz: bool = False, cid: str = CID) -> Path:
+    """An OCI layout as export_layout writes it, except that its one layer holds `entries` in this order."""
+    (path / "empty").mkdir(parents=True)
+    oci.export_layout(path / "empty", cid, path / "layout", "checkpoint")
+    blobs = path / "layout" / "blobs" / "sha256"
+    with gzip.open(path / "layer", "wb", compresslevel=1) if gz else open(path / "layer", "wb") as f:
+        for chunk in (c for e in entries for c in e):
+            f.write(chunk)
+        f.write(bytes(1024))
+    digest = sha256_file(path / "layer")
+    os.rename(path / "layer", blobs / digest)
+    index = json.loads((path / "layout" / "index.json").read_text())
+    manifest = json.loads((blobs / index["manifests"][0]["digest"][7:]).read_text())
+    manifest["layers"] = [{"mediaType": oci.LAYER_TYPE + ("+gzip" if gz else ""), "digest": f"sha256:{digest}",
+                           "size": (blobs / digest).stat().st_size}]
+    raw = json.dumps(manifest).encode()
+    (blobs / hashlib.sha256(raw).hexdigest()).write_bytes(raw)
+    index["manifests"][0].update(digest=f"sha256:{hashlib.sha256(raw).hexdigest()}", size=len(raw))
+    (path / "layout" / "index.json").write_text(json.dumps(index))
+    return path / "layout"
+
+
+def layer_blob(lay: Path) -> Path:
+    blobs = lay / "blobs" / "sha256"
+    index = json.loads((lay / "index.json").read_text())
+    return blobs / json.loads((blobs / index["manifests"][0]["digest"][7:]).read_text())["layers"][0]["digest"][7:]
+
+
+def written(dest: Path) -> int:
+    return sum(f.stat().st_size for f in dest.iterdir())
+
+
+@pytest.fixture
+def dest(tmp_path) -> Path:
+    d = tmp_path / "unpacked"
+    d.mkdir(mode=0o700)
+    return d
+
+
+def refused(lay: Path, dest: Path, needle: str, max_bytes: int = CAP, expect_id: str | None = None) -> None:
+    with pytest.raises(oci.OciError, match=needle):
+        oci.import_layout(lay, dest, max_bytes, expect_id)
+
+
+def test_round_trip_puts_the_manifest_first_and_adopts(store, tmp_path, dest):
+    ck = publish(store)
+    oci.export_layout(ck, CID, tmp_path / "layout", "checkpoint")
+    assert oci.import_layout(tmp_path / "layout", dest, CAP, expect_id=CID) == CID
+    with tarfile.open(layer_blob(tmp_path / "layout")) as tar:
+        assert tar.getnames()[:2] == [METADATA, MARKER]
+    assert {f.name: f.read_bytes() for f in dest.iterdir()} == {f.name: f.read_bytes() for f in ck.iterdir()}
+    assert all(f.stat().st_mode & 0o777 == 0o600 for f in dest.iterdir())
+    store.remove(CID)
+    store.adopt(CID, dest)  # the store's full verification passes on what was unpacked
+
+
+@pytest.mark.parametrize("pax", [False, True], ids=["gnu-header", "pax-1.0"])
+def test_sparse_member_refused(tmp_path, dest, pax):
+    """A 1 KiB entry that would unpack to BIG bytes, even with a manifest that admits BIG bytes."""
+    lay = layout(tmp_path, [*control({"pages-1.img": BIG}), sparse_entry("pages-1.img", BIG, pax)])
+    refused(lay, dest, "pages-1.img.*non-sparse")
+    assert written(dest) < 1 << 20
+
+
+@pytest.mark.parametrize("where", ["entry", "pax-record", "after-the-end"])
+def test_gzip_bomb_refused_without_reading_it(tmp_path, dest, where):
+    """A layer of ~100 KiB that gunzips to BIG bytes no manifest entry accounts for: in an entry whose
+    header is larger than its manifest size, in one pax header record, or as trailing data."""
+    entries = control({"pages-1.img": 4096})
+    if where == "entry":
+        entries.append(entry("pages-1.img", BIG))
+    elif where == "pax-record":
+        entries.append(entry("pages-1.img", bytes(4096), pax_headers={"comment": "0" * BIG}))
+    else:
+        entries += [entry("pages-1.img", bytes(4096)), entry("pages-2.img", BIG)]
+    lay = layout(tmp_path, entries, gz=True)
+    assert layer_blob(lay).stat().st_size < BIG // 100
+    needle = {"entry": f"{BIG} bytes in the tar header, 4096 allowed", "pax-record": "more tar data than",
+              "after-the-end": "pages-2.img.*not in the manifest"}[where]
+    refused(lay, dest, needle)
+    assert written(dest) < 1 << 20
+
+
+def test_pax_mtime_out_of_range_refused(tmp_path, dest):
+    lay = layout(tmp_path, [*control({"pages-1.img": 4}), entry("pages-1.img", b"data", mtime=1e300)])
+    refused(lay, dest, r"pages-1.img.*mtime 1e\+300 out of range")
+
+
+def test_member_larger_than_its_manifest_entry_refused(tmp_path, dest):
+    lay = layout(tmp_path, [*control({"pages-1.img": 4096}), entry("pages-1.img", bytes(4097))])
+    refused(lay, dest, "pages-1.img.*4097 bytes in the tar header, 4096 allowed")
+    assert written(dest) < 1 << 20
+
+
+@pytest.mark.parametrize("name", ["pages-2.img", "../escape", METADATA, "pages-1.img"])
+def test_member_not_in_the_manifest_refused(tmp_path, dest, name):
+    """Not listed, a path, a second metadata.json, or a listed file a second time."""
+    lay = layout(tmp_path, [*control({"pages-1.img": 4}), entry("pages-1.img", b"data"), entry(name, b"evil")])
+    refused(lay, dest, "not in the manifest, or there twice")
+    assert not (tmp_path / "escape").exists() and not (dest / "pages-2.img").exists()
+
+
+@pytest.mark.parametrize("order", ["file-first", "marker-missing"])
+def test_manifest_must_come_first(tmp_path, dest, order):
+    """Nothing is written before the manifest is known: a layer that does not start with it is refused."""
+    meta_entry, marker_entry = control({"dump.log": 3})
+    entries = [entry("dump.log", b"log"), meta_entry, marker_entry] if order == "file-first" else [meta_entry]
+    refused(layout(tmp_path, entries), dest, f"starts with {METADATA} and {MARKER}")
+    assert written(dest) == 0
+
+
+def test_garbage_layer_refused(tmp_path, dest):
+    """Whatever tarfile raises on a layer is a refusal, not a traceback."""
+    refused(layout(tmp_path, [[b"not a tar header " * 100]]), dest, "cannot unpack the layer: ReadError")
+    assert written(dest) == 0
+
+
+def test_too_many_bytes_for_the_cap_refused(store, tmp_path, dest, monkeypatch):
+    ck = publish(store)
+    lay = tmp_path / "layout"
+    oci.export_layout(ck, CID, lay, "checkpoint")
+    layer_size = layer_blob(lay).stat().st_size
+    total = sum(f.stat().st_size for f in ck.iterdir())
+    refused(lay, dest, "blobs take .* over the", max_bytes=layer_size - 1)
+    refused(lay, dest, f"files take {total} bytes, over the {total - 1}-byte", max_bytes=layer_size + total - 1)
+    assert written(dest) == 0
+    # the store's free space caps a pull as well as max_pull_bytes
+    monkeypatch.setattr(os, "statvfs", lambda _: os.statvfs_result((4096, 4096, 0, 0, 1, 0, 0, 0, 0, 255)))
+    refused(lay, dest, "files take .* over the 4096-byte")
+    assert written(dest) == 0
+
+
+def test_id_must_match_the_annotation(store, tmp_path, dest):
+    oci.export_layout(publish(store), CID, tmp_path / "layout", "checkpoint")
+    refused(tmp_path / "layout", dest, f"holds checkpoint '{CID}', not 'someone-elses-id'",
+            expect_id="someone-elses-id")
+    assert written(dest) == 0
+
+
+def test_max_pull_bytes_config(tmp_path):
+    assert config.Settings().max_pull_bytes == 256 << 30
+    (tmp_path / "c.toml").write_text("max_pull_bytes = 1048576\n")
+    assert config.load(tmp_path / "c.toml").max_pull_bytes == 1 << 20
+    for bad in ("0", "-1", '"1G"', "1.5", "true"):
+        (tmp_path / "c.toml").write_text(f"max_pull_bytes = {bad}\n")
+        with pytest.raises(config.ConfigError, match="max_pull_bytes"):
+            config.load(tmp_path / "c.toml")
