@@ -15,6 +15,8 @@ import os
 import shutil
 import stat
 import tarfile
+from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -64,33 +66,114 @@ def overlay_upperdir(rootfs: Path) -> Path | None:
     return found
 
 
-# -- baseline for plain-directory rootfs ----------------------------------------
+# -- opening beneath a dir fd --------------------------------------------------
 
-def _walk(root: Path):
-    """(relpath, lstat) for everything under root, without following symlinks or crossing mounts."""
-    dev = root.lstat().st_dev
-    stack = [""]
-    while stack:
-        rel = stack.pop()
-        d = root / rel if rel else root
+_NOFOLLOW = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def open_regular(dir_fd: int, name: str, flags: int, *, create_mode: int | None = None,
+                 same_as: os.stat_result | None = None) -> tuple[int, os.stat_result]:
+    """(fd, fstat) of the regular file `name` in dir_fd, for files a container can swap under us.
+
+    No symlink is followed, a FIFO never blocks the open (O_NONBLOCK) and a device is refused by its
+    lstat before it is opened and by the fd's fstat before any byte is read, written or truncated.
+    With create_mode an absent file is created (O_EXCL, so nothing planted meanwhile is reused); with
+    same_as it must still be that inode (what a walk listed).  Anything else: RootfsError.
+    """
+    if create_mode is not None:
         try:
-            entries = list(os.scandir(d))
-        except OSError:
-            continue
-        for e in entries:
-            r = f"{rel}/{e.name}" if rel else e.name
-            st = e.stat(follow_symlinks=False)
-            yield r, st
-            if stat.S_ISDIR(st.st_mode) and st.st_dev == dev:
-                stack.append(r)
+            fd = os.open(name, flags | _NOFOLLOW | os.O_CREAT | os.O_EXCL, create_mode, dir_fd=dir_fd)
+            return fd, os.fstat(fd)
+        except FileExistsError:
+            pass
+    want = same_as or os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if not stat.S_ISREG(want.st_mode):
+        raise RootfsError(f"{name!r}: not a regular file (mode {stat.S_IFMT(want.st_mode):o})")
+    try:
+        fd = os.open(name, flags | _NOFOLLOW, dir_fd=dir_fd)
+    except OSError as e:
+        raise RootfsError(f"{name!r}: changed while being opened ({e.strerror})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (want.st_dev, want.st_ino):
+        os.close(fd)
+        raise RootfsError(f"{name!r}: replaced while being opened")
+    return fd, st
 
+
+def _open_dir(dir_fd: int, name: str, same_as: os.stat_result | None = None) -> int:
+    """An fd of the directory `name` in dir_fd, never through a symlink; with same_as, still that inode."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as e:
+        raise RootfsError(f"{name!r}: not a plain directory ({e.strerror})") from None
+    if same_as is not None and (os.fstat(fd).st_dev, os.fstat(fd).st_ino) != (same_as.st_dev, same_as.st_ino):
+        os.close(fd)
+        raise RootfsError(f"{name!r}: replaced while being walked")
+    return fd
+
+
+def _listing(dir_fd: int) -> Iterator[tuple[str, os.stat_result]]:
+    """(name, lstat) of a directory's entries, names sorted, all stat'ed now (what a walk then checks)."""
+    out = []
+    for name in sorted(os.listdir(dir_fd)):
+        try:
+            out.append((name, os.stat(name, dir_fd=dir_fd, follow_symlinks=False)))
+        except FileNotFoundError:
+            pass  # gone since the listing: as if deleted
+    return iter(out)
+
+
+def _scan(root_fd: int) -> Iterator[tuple[str, os.stat_result, int, str]]:
+    """(relpath, lstat, parent dir fd, name) of everything under root_fd, parents first, names sorted.
+
+    Walks through directory fds only: never follows a symlink, never crosses into another
+    filesystem, and a directory replaced between its listing and its opening (a container swapping
+    it for a symlink) is a RootfsError naming it.  The parent fd is valid until the next item.
+    """
+    dev = os.fstat(root_fd).st_dev
+    stack = [(_listing(root_fd), os.dup(root_fd), "")]
+    try:
+        while stack:
+            entries, dfd, prefix = stack[-1]
+            name, st = next(entries, ("", None))
+            if st is None:
+                stack.pop()
+                os.close(dfd)
+                continue
+            rel = prefix + name
+            yield rel, st, dfd, name
+            if stat.S_ISDIR(st.st_mode) and st.st_dev == dev:
+                try:
+                    sub = _open_dir(dfd, name, same_as=st)
+                except RootfsError as e:
+                    raise RootfsError(f"{rel}: changed while the rootfs was walked ({e})") from None
+                try:
+                    stack.append((_listing(sub), sub, rel + "/"))
+                except BaseException:
+                    os.close(sub)
+                    raise
+    finally:
+        for _, fd, _ in stack:
+            os.close(fd)
+
+
+def _open_root(path: Path) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+# -- baseline for plain-directory rootfs ----------------------------------------
 
 def _sig(st: os.stat_result) -> list[int]:
     return [st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def take_baseline(rootfs: Path, out: Path) -> None:
-    listing = {rel: _sig(st) for rel, st in _walk(rootfs)}
+    root_fd = _open_root(rootfs)
+    try:
+        with closing(_scan(root_fd)) as entries:
+            listing = {rel: _sig(st) for rel, st, _, _ in entries}
+    finally:
+        os.close(root_fd)
     out.write_text(json.dumps(listing, separators=(",", ":")))
 
 
@@ -100,10 +183,11 @@ def _is_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def _opaque(path: Path) -> bool:
-    for name in ("trusted.overlay.opaque", "user.overlay.opaque"):
+def _opaque(dir_fd: int, name: str) -> bool:
+    at = f"/proc/self/fd/{dir_fd}/{name}"  # our own fd: the name is looked up in that very directory
+    for key in ("trusted.overlay.opaque", "user.overlay.opaque"):
         try:
-            if os.getxattr(path, name, follow_symlinks=False) == b"y":
+            if os.getxattr(at, key, follow_symlinks=False) == b"y":
                 return True
         except OSError:
             pass
@@ -111,55 +195,81 @@ def _opaque(path: Path) -> bool:
 
 
 def capture(rootfs: Path, baseline: Path | None, tar_out: Path, deleted_out: Path) -> DiffSummary:
-    """Write rootfs-diff.tar and deleted.files for the container's changes."""
+    """Write rootfs-diff.tar and deleted.files for the container's changes.
+
+    On-ready captures while the container runs, so it may rename and swap anything meanwhile: the
+    tree is walked through dir fds and every file is read from an fd checked to be the regular file
+    listed (`_scan`, `open_regular`); a race fails the capture (RootfsError naming the path), so the
+    dump publishes no checkpoint rather than whatever a symlink pointed at.
+    """
     upper = overlay_upperdir(rootfs)
-    changed: list[tuple[str, Path]] = []  # (relpath, host path to read from)
-    deleted: list[str] = []
-    if upper is not None:
-        for rel, st in _walk(upper):
-            if _is_whiteout(st):
-                deleted.append(rel)
-                continue
-            if stat.S_ISDIR(st.st_mode) and _opaque(upper / rel):
-                deleted.append(rel)  # opaque: the lower dir's content is gone; re-created from the tar
-            changed.append((rel, upper / rel))
-    else:
+    before: dict[str, list[int]] | None = None
+    if upper is None:
         if baseline is None or not baseline.exists():
             raise RootfsError("no overlay upper dir and no baseline listing: cannot tell what changed")
         before = json.loads(baseline.read_text())
-        now = {}
-        for rel, st in _walk(rootfs):
-            now[rel] = _sig(st)
-            if before.get(rel) != now[rel]:
-                if stat.S_ISDIR(st.st_mode) and rel in before and before[rel][0] == st.st_mode:
-                    continue  # a dir whose entries changed: its entries carry the change
-                changed.append((rel, rootfs / rel))
+    now: set[str] = set()
+    deleted: list[str] = []
+    summary = DiffSummary()
+    root_fd = _open_root(upper if upper is not None else rootfs)
+    try:
+        with tarfile.open(tar_out, "w", format=tarfile.PAX_FORMAT) as tar, closing(_scan(root_fd)) as entries:
+            for rel, st, dfd, name in entries:
+                if before is None:
+                    if _is_whiteout(st):
+                        deleted.append(rel)
+                        continue
+                    if stat.S_ISDIR(st.st_mode) and _opaque(dfd, name):
+                        deleted.append(rel)  # opaque: the lower dir's content is gone; re-created from the tar
+                else:
+                    now.add(rel)
+                    old = before.get(rel)
+                    if old == _sig(st):
+                        continue
+                    if stat.S_ISDIR(st.st_mode) and old is not None and old[0] == st.st_mode:
+                        continue  # a dir whose entries changed: its entries carry the change
+                if _add(tar, rel, st, dfd, name, summary):
+                    summary.files += 1
+    finally:
+        os.close(root_fd)
+    if before is not None:
         deleted = sorted(rel for rel in before if rel not in now)
         # a deleted dir implies its children: keep only top-most deletions
         deleted = [d for d in deleted if not any(d.startswith(p + "/") for p in deleted if p != d)]
-    summary = DiffSummary(deleted=len(deleted))
-    with tarfile.open(tar_out, "w", format=tarfile.PAX_FORMAT) as tar:
-        for rel, host in sorted(changed):
-            st = host.lstat()
-            info = tarfile.TarInfo(rel)
-            info.mode = stat.S_IMODE(st.st_mode)
-            info.uid, info.gid, info.mtime = st.st_uid, st.st_gid, int(st.st_mtime)
-            if stat.S_ISREG(st.st_mode):
-                info.type, info.size = tarfile.REGTYPE, st.st_size
-                with open(host, "rb") as f:
-                    tar.addfile(info, f)
-                summary.bytes += st.st_size
-            elif stat.S_ISDIR(st.st_mode):
-                info.type = tarfile.DIRTYPE
-                tar.addfile(info)
-            elif stat.S_ISLNK(st.st_mode):
-                info.type, info.linkname = tarfile.SYMTYPE, os.readlink(host)
-                tar.addfile(info)
-            else:
-                continue  # sockets, fifos, devices: runtime objects, not files to carry
-            summary.files += 1
+    summary.deleted = len(deleted)
     deleted_out.write_text("".join(d + "\n" for d in deleted))
     return summary
+
+
+def _add(tar: tarfile.TarFile, rel: str, st: os.stat_result, dfd: int, name: str, summary: DiffSummary) -> bool:
+    """One tar member for the entry `name` of dfd, built from what an fd shows, never from a path."""
+    info = tarfile.TarInfo(rel)
+    if stat.S_ISREG(st.st_mode):
+        try:
+            fd, st = open_regular(dfd, name, os.O_RDONLY, same_as=st)
+        except RootfsError as e:
+            raise RootfsError(f"{rel}: changed while the rootfs was captured ({e})") from None
+        with os.fdopen(fd, "rb") as f:
+            info.type, info.size = tarfile.REGTYPE, st.st_size
+            _meta_into(info, st)
+            tar.addfile(info, f)
+        summary.bytes += st.st_size
+    elif stat.S_ISDIR(st.st_mode):
+        info.type = tarfile.DIRTYPE
+        _meta_into(info, st)
+        tar.addfile(info)
+    elif stat.S_ISLNK(st.st_mode):
+        info.type, info.linkname = tarfile.SYMTYPE, os.readlink(name, dir_fd=dfd)
+        _meta_into(info, st)
+        tar.addfile(info)
+    else:
+        return False  # sockets, fifos, devices: runtime objects, not files to carry
+    return True
+
+
+def _meta_into(info: tarfile.TarInfo, st: os.stat_result) -> None:
+    info.mode = stat.S_IMODE(st.st_mode)
+    info.uid, info.gid, info.mtime = st.st_uid, st.st_gid, int(st.st_mtime)
 
 
 # -- validate -----------------------------------------------------------------
