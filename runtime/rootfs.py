@@ -10,8 +10,10 @@ journaled so a failed restore leaves the rootfs as it was.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import secrets
 import shutil
 import stat
 import tarfile
@@ -366,13 +368,71 @@ def _open_parent(root_fd: int, rel: str, create: bool, journal: "Journal | None"
         raise
 
 
+JOURNAL_MAX_BYTES = 4 << 30  # file data one restore may set aside (overlayfs copies a lower file up to rename it)
+
+
 @dataclass
 class Journal:
-    """What apply changed, so undo can put the rootfs back."""
-    backup: Path
+    """What apply changed, so undo can put the rootfs back and commit can drop what it set aside.
+
+    Entries the diff deletes or replaces are *renamed* into a hidden dir on the rootfs's own
+    filesystem (next to the rootfs when that is the same mount, else at its top, e.g. on an overlay),
+    never copied into the state dir (tmpfs on most nodes); at most JOURNAL_MAX_BYTES of files.  An
+    entry no rename can move (another mount) refuses the restore: a cold start, not a copy.
+    """
+    backup: Path | None = None  # unused: the copying journal's dir in the state dir, kept for callers
     created: list[str] = field(default_factory=list)
-    saved: list[str] = field(default_factory=list)
+    saved: list[str] = field(default_factory=list)  # set aside in this order: saved[i] is the journal's entry i
+    removed_dirs: list[tuple[str, tuple[int, int, int, int, int]]] = field(default_factory=list)
     dir_meta: dict[str, tuple[int, int, int, int, int]] = field(default_factory=dict)  # mode, uid, gid, atime, mtime
+    held_bytes: int = 0
+    root: Path | None = None  # the rootfs apply worked on
+    aside: tuple[Path, str] | None = None  # (dir holding the journal dir, its name)
+
+    def _aside_fd(self, root_fd: int) -> int:
+        """An fd of the journal dir, made on first use: in the rootfs, then moved next to it if it can be."""
+        if self.aside is None:
+            assert self.root is not None
+            name = f".warmstart-journal-{secrets.token_hex(6)}"
+            os.mkdir(name, 0o700, dir_fd=root_fd)
+            self.aside = (self.root, name)
+            try:
+                out_fd = _open_root(self.root.parent)
+                try:
+                    os.rename(name, name, src_dir_fd=root_fd, dst_dir_fd=out_fd)
+                    self.aside = (self.root.parent, name)  # out of the container's sight
+                finally:
+                    os.close(out_fd)
+            except OSError:
+                pass  # another mount (an overlay rootfs): renames must stay inside it
+        parent_fd = _open_root(self.aside[0])
+        try:
+            return _open_dir(parent_fd, self.aside[1])
+        finally:
+            os.close(parent_fd)
+
+    def commit(self) -> str | None:
+        """After a successful restore: drop what was set aside; nothing is left to undo.
+
+        Never raises (the container already runs): returns what went wrong, if anything.
+        """
+        aside, self.aside = self.aside, None
+        self.created, self.saved, self.removed_dirs, self.dir_meta = [], [], [], {}
+        if aside is None:
+            return None
+        try:
+            parent_fd = _open_root(aside[0])
+            try:
+                _remove_at(parent_fd, aside[1])
+            finally:
+                os.close(parent_fd)
+        except OSError as e:
+            return f"could not remove the restore's journal {aside[0] / aside[1]}: {e}"
+        return None
+
+    def ours(self, rel: str) -> bool:
+        """rel (or a dir above it) was made by this apply: removing it needs no backup."""
+        return any(rel == p or rel.startswith(p + "/") for p in (*self.created, *self.saved))
 
 
 def _remove_at(dfd: int, name: str) -> None:
@@ -389,24 +449,65 @@ def _remove_at(dfd: int, name: str) -> None:
         os.unlink(name, dir_fd=dfd)
 
 
-def _save(rootfs: Path, rel: str, journal: Journal) -> bool:
-    """Copy what is at rel into the backup (no-op if absent); True if something was there."""
-    src = rootfs / rel
+def _meta(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_atime_ns, st.st_mtime_ns
+
+
+def _bytes_in(dfd: int, name: str, st: os.stat_result) -> int:
+    """Bytes of regular files at name (a whole tree for a dir), walked without following symlinks."""
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_size if stat.S_ISREG(st.st_mode) else 0
+    sub = _open_dir(dfd, name)
     try:
-        st = src.lstat()
+        with closing(_scan(sub)) as entries:
+            return sum(s.st_size for _, s, _, _ in entries if stat.S_ISREG(s.st_mode))
+    finally:
+        os.close(sub)
+
+
+def _set_aside(root_fd: int, dfd: int, name: str, rel: str, journal: Journal) -> None:
+    """Rename the user's entry at rel into the journal (undo renames it back; nothing is copied)."""
+    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    afd = journal._aside_fd(root_fd)
+    try:
+        slot = str(len(journal.saved))
+        try:
+            os.rename(name, slot, src_dir_fd=dfd, dst_dir_fd=afd)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            if not stat.S_ISDIR(st.st_mode):
+                raise RootfsError(f"{rel}: cannot be set aside by a rename ({e.strerror}); "
+                                  "refusing the restore rather than copying it") from None
+            # overlayfs (without redirect_dir) renames no dir that has a lower layer: move its entries, drop it
+            sub = _open_dir(dfd, name, same_as=st)
+            try:
+                for child in sorted(os.listdir(sub)):
+                    _set_aside(root_fd, sub, child, f"{rel}/{child}", journal)
+            finally:
+                os.close(sub)
+            os.rmdir(name, dir_fd=dfd)
+            journal.removed_dirs.append((rel, _meta(st)))
+            return
+        journal.saved.append(rel)
+        journal.held_bytes += _bytes_in(afd, slot, st)
+    finally:
+        os.close(afd)
+    if journal.held_bytes > JOURNAL_MAX_BYTES:
+        raise RootfsError(f"{rel}: the restore would set aside more than {JOURNAL_MAX_BYTES >> 20} MiB "
+                          "of the rootfs's files; refusing")
+
+
+def _clear(root_fd: int, dfd: int, name: str, rel: str, journal: Journal) -> bool:
+    """Make rel absent: the user's entry is set aside, one this apply made is removed; False if none was there."""
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
     except FileNotFoundError:
         return False
-    if any(rel == c or rel.startswith(c + "/") for c in journal.created):
-        return False  # we made it: undo removes it, nothing of the user's to back up
-    if rel in journal.saved or any(rel.startswith(s + "/") for s in journal.saved):
-        return True
-    dst = journal.backup / rel
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if stat.S_ISDIR(st.st_mode):
-        shutil.copytree(src, dst, symlinks=True)
+    if journal.ours(rel):
+        _remove_at(dfd, name)
     else:
-        shutil.copy2(src, dst, follow_symlinks=False)
-    journal.saved.append(rel)
+        _set_aside(root_fd, dfd, name, rel, journal)
     return True
 
 
@@ -415,7 +516,8 @@ def apply(rootfs: Path, tar_path: Path, deleted_path: Path, journal: Journal) ->
     deleted = read_deleted(deleted_path)
     members = read_members(tar_path)
     summary = DiffSummary(files=len(members), deleted=len(deleted))
-    root_fd = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    journal.root = rootfs
+    root_fd = _open_root(rootfs)
     try:
         for rel in deleted:
             try:
@@ -423,15 +525,7 @@ def apply(rootfs: Path, tar_path: Path, deleted_path: Path, journal: Journal) ->
             except (FileNotFoundError, NotADirectoryError):
                 continue  # already gone
             try:
-                if _save(rootfs, rel, journal):
-                    try:
-                        _remove_at(dfd, name)
-                    except OSError:
-                        if not stat.S_ISDIR(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode):
-                            # one unlink failed (e.g. EROFS): nothing changed, so nothing for undo to put back
-                            journal.saved.remove(rel)
-                            (journal.backup / rel).unlink(missing_ok=True)
-                        raise
+                _clear(root_fd, dfd, name, rel, journal)
             finally:
                 os.close(dfd)
         with tarfile.open(tar_path, "r:") if tar_path.exists() else _empty() as tar:
@@ -444,23 +538,15 @@ def apply(rootfs: Path, tar_path: Path, deleted_path: Path, journal: Journal) ->
                         except FileNotFoundError:
                             st = None
                         if st is not None and stat.S_ISDIR(st.st_mode):
-                            journal.dir_meta.setdefault(m.name, (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                                                                 st.st_atime_ns, st.st_mtime_ns))
+                            journal.dir_meta.setdefault(m.name, _meta(st))
                         else:
-                            if st is not None:
-                                _save(rootfs, m.name, journal)
-                                _remove_at(dfd, name)
-                            else:
+                            if not _clear(root_fd, dfd, name, m.name, journal):
                                 journal.created.append(m.name)
                             os.mkdir(name, 0o700, dir_fd=dfd)
                         os.chmod(name, m.mode & 0o7777, dir_fd=dfd)  # mkdir's mode is cut by the umask
                     else:
-                        if not _save(rootfs, m.name, journal) and m.name not in journal.created:
+                        if not _clear(root_fd, dfd, name, m.name, journal) and m.name not in journal.created:
                             journal.created.append(m.name)
-                        try:
-                            _remove_at(dfd, name)
-                        except FileNotFoundError:
-                            pass
                         if m.issym():
                             os.symlink(m.linkname, name, dir_fd=dfd)
                         else:
@@ -490,8 +576,8 @@ class _empty:
 
 
 def undo(rootfs: Path, journal: Journal) -> None:
-    """Put back what apply changed: remove what it created, restore what it saved."""
-    root_fd = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    """Put back what apply changed: remove what it made, rename back what it set aside, drop the journal."""
+    root_fd = _open_root(rootfs)
     try:
         for rel in reversed(journal.created):
             try:
@@ -504,21 +590,30 @@ def undo(rootfs: Path, journal: Journal) -> None:
                 pass
             finally:
                 os.close(dfd)
-        for rel in journal.saved:
+        for rel, (mode, uid, gid, _, _) in reversed(journal.removed_dirs):  # parents first
             dfd, name = _open_parent(root_fd, rel, create=True)
             try:
-                try:
-                    _remove_at(dfd, name)
-                except FileNotFoundError:
-                    pass
+                os.mkdir(name, 0o700, dir_fd=dfd)
+                os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
+                os.chmod(name, mode, dir_fd=dfd)
             finally:
                 os.close(dfd)
-            src, dst = journal.backup / rel, rootfs / rel
-            if src.is_dir() and not src.is_symlink():
-                shutil.copytree(src, dst, symlinks=True)
-            else:
-                shutil.copy2(src, dst, follow_symlinks=False)
-        for rel, (mode, uid, gid, atime, mtime) in journal.dir_meta.items():
+        if journal.saved:
+            afd = journal._aside_fd(root_fd)
+            try:
+                for slot, rel in enumerate(journal.saved):
+                    dfd, name = _open_parent(root_fd, rel, create=True)
+                    try:
+                        try:
+                            _remove_at(dfd, name)
+                        except FileNotFoundError:
+                            pass
+                        os.rename(str(slot), name, src_dir_fd=afd, dst_dir_fd=dfd)
+                    finally:
+                        os.close(dfd)
+            finally:
+                os.close(afd)
+        for rel, (mode, uid, gid, atime, mtime) in [*journal.removed_dirs, *journal.dir_meta.items()]:
             try:
                 dfd, name = _open_parent(root_fd, rel, create=False)
             except (FileNotFoundError, NotADirectoryError, RootfsError):
@@ -533,4 +628,6 @@ def undo(rootfs: Path, journal: Journal) -> None:
                 os.close(dfd)
     finally:
         os.close(root_fd)
-    shutil.rmtree(journal.backup, ignore_errors=True)
+    err = journal.commit()  # the journal dir, empty by now
+    if err:
+        raise OSError(err)
