@@ -155,6 +155,7 @@ def restore(settings: Settings, store: Store, g: runc.GlobalOpts, c: runc.Create
             quarantine.record_restore(cid, True, owner=owner)
             _keep_logs(settings, c.id, work)
             sd.restored_marker.touch()  # launch.py: `start` is then a no-op without imports
+            journal.commit()  # restored: drop what the diff set aside (never raises)
             return RestoreResult(True, f"restored from {cid} (verified by {ckpt.verified_by})", ph.timings, pid)
         except (CheckpointError, rootfs.RootfsError, WorkerHookFailed) as e:
             _cleanup(settings, g, c, rootfs_dir, journal if applied else None, log, st.cgroup_path, work)

@@ -10,11 +10,15 @@ journaled so a failed restore leaves the rootfs as it was.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import secrets
 import shutil
 import stat
 import tarfile
+from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -64,33 +68,114 @@ def overlay_upperdir(rootfs: Path) -> Path | None:
     return found
 
 
-# -- baseline for plain-directory rootfs ----------------------------------------
+# -- opening beneath a dir fd --------------------------------------------------
 
-def _walk(root: Path):
-    """(relpath, lstat) for everything under root, without following symlinks or crossing mounts."""
-    dev = root.lstat().st_dev
-    stack = [""]
-    while stack:
-        rel = stack.pop()
-        d = root / rel if rel else root
+_NOFOLLOW = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def open_regular(dir_fd: int, name: str, flags: int, *, create_mode: int | None = None,
+                 same_as: os.stat_result | None = None) -> tuple[int, os.stat_result]:
+    """(fd, fstat) of the regular file `name` in dir_fd, for files a container can swap under us.
+
+    No symlink is followed, a FIFO never blocks the open (O_NONBLOCK) and a device is refused by its
+    lstat before it is opened and by the fd's fstat before any byte is read, written or truncated.
+    With create_mode an absent file is created (O_EXCL, so nothing planted meanwhile is reused); with
+    same_as it must still be that inode (what a walk listed).  Anything else: RootfsError.
+    """
+    if create_mode is not None:
         try:
-            entries = list(os.scandir(d))
-        except OSError:
-            continue
-        for e in entries:
-            r = f"{rel}/{e.name}" if rel else e.name
-            st = e.stat(follow_symlinks=False)
-            yield r, st
-            if stat.S_ISDIR(st.st_mode) and st.st_dev == dev:
-                stack.append(r)
+            fd = os.open(name, flags | _NOFOLLOW | os.O_CREAT | os.O_EXCL, create_mode, dir_fd=dir_fd)
+            return fd, os.fstat(fd)
+        except FileExistsError:
+            pass
+    want = same_as or os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if not stat.S_ISREG(want.st_mode):
+        raise RootfsError(f"{name!r}: not a regular file (mode {stat.S_IFMT(want.st_mode):o})")
+    try:
+        fd = os.open(name, flags | _NOFOLLOW, dir_fd=dir_fd)
+    except OSError as e:
+        raise RootfsError(f"{name!r}: changed while being opened ({e.strerror})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (want.st_dev, want.st_ino):
+        os.close(fd)
+        raise RootfsError(f"{name!r}: replaced while being opened")
+    return fd, st
 
+
+def _open_dir(dir_fd: int, name: str, same_as: os.stat_result | None = None) -> int:
+    """An fd of the directory `name` in dir_fd, never through a symlink; with same_as, still that inode."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as e:
+        raise RootfsError(f"{name!r}: not a plain directory ({e.strerror})") from None
+    if same_as is not None and (os.fstat(fd).st_dev, os.fstat(fd).st_ino) != (same_as.st_dev, same_as.st_ino):
+        os.close(fd)
+        raise RootfsError(f"{name!r}: replaced while being walked")
+    return fd
+
+
+def _listing(dir_fd: int) -> Iterator[tuple[str, os.stat_result]]:
+    """(name, lstat) of a directory's entries, names sorted, all stat'ed now (what a walk then checks)."""
+    out = []
+    for name in sorted(os.listdir(dir_fd)):
+        try:
+            out.append((name, os.stat(name, dir_fd=dir_fd, follow_symlinks=False)))
+        except FileNotFoundError:
+            pass  # gone since the listing: as if deleted
+    return iter(out)
+
+
+def _scan(root_fd: int) -> Iterator[tuple[str, os.stat_result, int, str]]:
+    """(relpath, lstat, parent dir fd, name) of everything under root_fd, parents first, names sorted.
+
+    Walks through directory fds only: never follows a symlink, never crosses into another
+    filesystem, and a directory replaced between its listing and its opening (a container swapping
+    it for a symlink) is a RootfsError naming it.  The parent fd is valid until the next item.
+    """
+    dev = os.fstat(root_fd).st_dev
+    stack = [(_listing(root_fd), os.dup(root_fd), "")]
+    try:
+        while stack:
+            entries, dfd, prefix = stack[-1]
+            name, st = next(entries, ("", None))
+            if st is None:
+                stack.pop()
+                os.close(dfd)
+                continue
+            rel = prefix + name
+            yield rel, st, dfd, name
+            if stat.S_ISDIR(st.st_mode) and st.st_dev == dev:
+                try:
+                    sub = _open_dir(dfd, name, same_as=st)
+                except RootfsError as e:
+                    raise RootfsError(f"{rel}: changed while the rootfs was walked ({e})") from None
+                try:
+                    stack.append((_listing(sub), sub, rel + "/"))
+                except BaseException:
+                    os.close(sub)
+                    raise
+    finally:
+        for _, fd, _ in stack:
+            os.close(fd)
+
+
+def _open_root(path: Path) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+# -- baseline for plain-directory rootfs ----------------------------------------
 
 def _sig(st: os.stat_result) -> list[int]:
     return [st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def take_baseline(rootfs: Path, out: Path) -> None:
-    listing = {rel: _sig(st) for rel, st in _walk(rootfs)}
+    root_fd = _open_root(rootfs)
+    try:
+        with closing(_scan(root_fd)) as entries:
+            listing = {rel: _sig(st) for rel, st, _, _ in entries}
+    finally:
+        os.close(root_fd)
     out.write_text(json.dumps(listing, separators=(",", ":")))
 
 
@@ -100,10 +185,11 @@ def _is_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def _opaque(path: Path) -> bool:
-    for name in ("trusted.overlay.opaque", "user.overlay.opaque"):
+def _opaque(dir_fd: int, name: str) -> bool:
+    at = f"/proc/self/fd/{dir_fd}/{name}"  # our own fd: the name is looked up in that very directory
+    for key in ("trusted.overlay.opaque", "user.overlay.opaque"):
         try:
-            if os.getxattr(path, name, follow_symlinks=False) == b"y":
+            if os.getxattr(at, key, follow_symlinks=False) == b"y":
                 return True
         except OSError:
             pass
@@ -111,55 +197,81 @@ def _opaque(path: Path) -> bool:
 
 
 def capture(rootfs: Path, baseline: Path | None, tar_out: Path, deleted_out: Path) -> DiffSummary:
-    """Write rootfs-diff.tar and deleted.files for the container's changes."""
+    """Write rootfs-diff.tar and deleted.files for the container's changes.
+
+    On-ready captures while the container runs, so it may rename and swap anything meanwhile: the
+    tree is walked through dir fds and every file is read from an fd checked to be the regular file
+    listed (`_scan`, `open_regular`); a race fails the capture (RootfsError naming the path), so the
+    dump publishes no checkpoint rather than whatever a symlink pointed at.
+    """
     upper = overlay_upperdir(rootfs)
-    changed: list[tuple[str, Path]] = []  # (relpath, host path to read from)
-    deleted: list[str] = []
-    if upper is not None:
-        for rel, st in _walk(upper):
-            if _is_whiteout(st):
-                deleted.append(rel)
-                continue
-            if stat.S_ISDIR(st.st_mode) and _opaque(upper / rel):
-                deleted.append(rel)  # opaque: the lower dir's content is gone; re-created from the tar
-            changed.append((rel, upper / rel))
-    else:
+    before: dict[str, list[int]] | None = None
+    if upper is None:
         if baseline is None or not baseline.exists():
             raise RootfsError("no overlay upper dir and no baseline listing: cannot tell what changed")
         before = json.loads(baseline.read_text())
-        now = {}
-        for rel, st in _walk(rootfs):
-            now[rel] = _sig(st)
-            if before.get(rel) != now[rel]:
-                if stat.S_ISDIR(st.st_mode) and rel in before and before[rel][0] == st.st_mode:
-                    continue  # a dir whose entries changed: its entries carry the change
-                changed.append((rel, rootfs / rel))
+    now: set[str] = set()
+    deleted: list[str] = []
+    summary = DiffSummary()
+    root_fd = _open_root(upper if upper is not None else rootfs)
+    try:
+        with tarfile.open(tar_out, "w", format=tarfile.PAX_FORMAT) as tar, closing(_scan(root_fd)) as entries:
+            for rel, st, dfd, name in entries:
+                if before is None:
+                    if _is_whiteout(st):
+                        deleted.append(rel)
+                        continue
+                    if stat.S_ISDIR(st.st_mode) and _opaque(dfd, name):
+                        deleted.append(rel)  # opaque: the lower dir's content is gone; re-created from the tar
+                else:
+                    now.add(rel)
+                    old = before.get(rel)
+                    if old == _sig(st):
+                        continue
+                    if stat.S_ISDIR(st.st_mode) and old is not None and old[0] == st.st_mode:
+                        continue  # a dir whose entries changed: its entries carry the change
+                if _add(tar, rel, st, dfd, name, summary):
+                    summary.files += 1
+    finally:
+        os.close(root_fd)
+    if before is not None:
         deleted = sorted(rel for rel in before if rel not in now)
         # a deleted dir implies its children: keep only top-most deletions
         deleted = [d for d in deleted if not any(d.startswith(p + "/") for p in deleted if p != d)]
-    summary = DiffSummary(deleted=len(deleted))
-    with tarfile.open(tar_out, "w", format=tarfile.PAX_FORMAT) as tar:
-        for rel, host in sorted(changed):
-            st = host.lstat()
-            info = tarfile.TarInfo(rel)
-            info.mode = stat.S_IMODE(st.st_mode)
-            info.uid, info.gid, info.mtime = st.st_uid, st.st_gid, int(st.st_mtime)
-            if stat.S_ISREG(st.st_mode):
-                info.type, info.size = tarfile.REGTYPE, st.st_size
-                with open(host, "rb") as f:
-                    tar.addfile(info, f)
-                summary.bytes += st.st_size
-            elif stat.S_ISDIR(st.st_mode):
-                info.type = tarfile.DIRTYPE
-                tar.addfile(info)
-            elif stat.S_ISLNK(st.st_mode):
-                info.type, info.linkname = tarfile.SYMTYPE, os.readlink(host)
-                tar.addfile(info)
-            else:
-                continue  # sockets, fifos, devices: runtime objects, not files to carry
-            summary.files += 1
+    summary.deleted = len(deleted)
     deleted_out.write_text("".join(d + "\n" for d in deleted))
     return summary
+
+
+def _add(tar: tarfile.TarFile, rel: str, st: os.stat_result, dfd: int, name: str, summary: DiffSummary) -> bool:
+    """One tar member for the entry `name` of dfd, built from what an fd shows, never from a path."""
+    info = tarfile.TarInfo(rel)
+    if stat.S_ISREG(st.st_mode):
+        try:
+            fd, st = open_regular(dfd, name, os.O_RDONLY, same_as=st)
+        except RootfsError as e:
+            raise RootfsError(f"{rel}: changed while the rootfs was captured ({e})") from None
+        with os.fdopen(fd, "rb") as f:
+            info.type, info.size = tarfile.REGTYPE, st.st_size
+            _meta_into(info, st)
+            tar.addfile(info, f)
+        summary.bytes += st.st_size
+    elif stat.S_ISDIR(st.st_mode):
+        info.type = tarfile.DIRTYPE
+        _meta_into(info, st)
+        tar.addfile(info)
+    elif stat.S_ISLNK(st.st_mode):
+        info.type, info.linkname = tarfile.SYMTYPE, os.readlink(name, dir_fd=dfd)
+        _meta_into(info, st)
+        tar.addfile(info)
+    else:
+        return False  # sockets, fifos, devices: runtime objects, not files to carry
+    return True
+
+
+def _meta_into(info: tarfile.TarInfo, st: os.stat_result) -> None:
+    info.mode = stat.S_IMODE(st.st_mode)
+    info.uid, info.gid, info.mtime = st.st_uid, st.st_gid, int(st.st_mtime)
 
 
 # -- validate -----------------------------------------------------------------
@@ -256,13 +368,71 @@ def _open_parent(root_fd: int, rel: str, create: bool, journal: "Journal | None"
         raise
 
 
+JOURNAL_MAX_BYTES = 4 << 30  # file data one restore may set aside (overlayfs copies a lower file up to rename it)
+
+
 @dataclass
 class Journal:
-    """What apply changed, so undo can put the rootfs back."""
-    backup: Path
+    """What apply changed, so undo can put the rootfs back and commit can drop what it set aside.
+
+    Entries the diff deletes or replaces are *renamed* into a hidden dir on the rootfs's own
+    filesystem (next to the rootfs when that is the same mount, else at its top, e.g. on an overlay),
+    never copied into the state dir (tmpfs on most nodes); at most JOURNAL_MAX_BYTES of files.  An
+    entry no rename can move (another mount) refuses the restore: a cold start, not a copy.
+    """
+    backup: Path | None = None  # unused: the copying journal's dir in the state dir, kept for callers
     created: list[str] = field(default_factory=list)
-    saved: list[str] = field(default_factory=list)
+    saved: list[str] = field(default_factory=list)  # set aside in this order: saved[i] is the journal's entry i
+    removed_dirs: list[tuple[str, tuple[int, int, int, int, int]]] = field(default_factory=list)
     dir_meta: dict[str, tuple[int, int, int, int, int]] = field(default_factory=dict)  # mode, uid, gid, atime, mtime
+    held_bytes: int = 0
+    root: Path | None = None  # the rootfs apply worked on
+    aside: tuple[Path, str] | None = None  # (dir holding the journal dir, its name)
+
+    def _aside_fd(self, root_fd: int) -> int:
+        """An fd of the journal dir, made on first use: in the rootfs, then moved next to it if it can be."""
+        if self.aside is None:
+            assert self.root is not None
+            name = f".warmstart-journal-{secrets.token_hex(6)}"
+            os.mkdir(name, 0o700, dir_fd=root_fd)
+            self.aside = (self.root, name)
+            try:
+                out_fd = _open_root(self.root.parent)
+                try:
+                    os.rename(name, name, src_dir_fd=root_fd, dst_dir_fd=out_fd)
+                    self.aside = (self.root.parent, name)  # out of the container's sight
+                finally:
+                    os.close(out_fd)
+            except OSError:
+                pass  # another mount (an overlay rootfs): renames must stay inside it
+        parent_fd = _open_root(self.aside[0])
+        try:
+            return _open_dir(parent_fd, self.aside[1])
+        finally:
+            os.close(parent_fd)
+
+    def commit(self) -> str | None:
+        """After a successful restore: drop what was set aside; nothing is left to undo.
+
+        Never raises (the container already runs): returns what went wrong, if anything.
+        """
+        aside, self.aside = self.aside, None
+        self.created, self.saved, self.removed_dirs, self.dir_meta = [], [], [], {}
+        if aside is None:
+            return None
+        try:
+            parent_fd = _open_root(aside[0])
+            try:
+                _remove_at(parent_fd, aside[1])
+            finally:
+                os.close(parent_fd)
+        except OSError as e:
+            return f"could not remove the restore's journal {aside[0] / aside[1]}: {e}"
+        return None
+
+    def ours(self, rel: str) -> bool:
+        """rel (or a dir above it) was made by this apply: removing it needs no backup."""
+        return any(rel == p or rel.startswith(p + "/") for p in (*self.created, *self.saved))
 
 
 def _remove_at(dfd: int, name: str) -> None:
@@ -279,24 +449,65 @@ def _remove_at(dfd: int, name: str) -> None:
         os.unlink(name, dir_fd=dfd)
 
 
-def _save(rootfs: Path, rel: str, journal: Journal) -> bool:
-    """Copy what is at rel into the backup (no-op if absent); True if something was there."""
-    src = rootfs / rel
+def _meta(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_atime_ns, st.st_mtime_ns
+
+
+def _bytes_in(dfd: int, name: str, st: os.stat_result) -> int:
+    """Bytes of regular files at name (a whole tree for a dir), walked without following symlinks."""
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_size if stat.S_ISREG(st.st_mode) else 0
+    sub = _open_dir(dfd, name)
     try:
-        st = src.lstat()
+        with closing(_scan(sub)) as entries:
+            return sum(s.st_size for _, s, _, _ in entries if stat.S_ISREG(s.st_mode))
+    finally:
+        os.close(sub)
+
+
+def _set_aside(root_fd: int, dfd: int, name: str, rel: str, journal: Journal) -> None:
+    """Rename the user's entry at rel into the journal (undo renames it back; nothing is copied)."""
+    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    afd = journal._aside_fd(root_fd)
+    try:
+        slot = str(len(journal.saved))
+        try:
+            os.rename(name, slot, src_dir_fd=dfd, dst_dir_fd=afd)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            if not stat.S_ISDIR(st.st_mode):
+                raise RootfsError(f"{rel}: cannot be set aside by a rename ({e.strerror}); "
+                                  "refusing the restore rather than copying it") from None
+            # overlayfs (without redirect_dir) renames no dir that has a lower layer: move its entries, drop it
+            sub = _open_dir(dfd, name, same_as=st)
+            try:
+                for child in sorted(os.listdir(sub)):
+                    _set_aside(root_fd, sub, child, f"{rel}/{child}", journal)
+            finally:
+                os.close(sub)
+            os.rmdir(name, dir_fd=dfd)
+            journal.removed_dirs.append((rel, _meta(st)))
+            return
+        journal.saved.append(rel)
+        journal.held_bytes += _bytes_in(afd, slot, st)
+    finally:
+        os.close(afd)
+    if journal.held_bytes > JOURNAL_MAX_BYTES:
+        raise RootfsError(f"{rel}: the restore would set aside more than {JOURNAL_MAX_BYTES >> 20} MiB "
+                          "of the rootfs's files; refusing")
+
+
+def _clear(root_fd: int, dfd: int, name: str, rel: str, journal: Journal) -> bool:
+    """Make rel absent: the user's entry is set aside, one this apply made is removed; False if none was there."""
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
     except FileNotFoundError:
         return False
-    if any(rel == c or rel.startswith(c + "/") for c in journal.created):
-        return False  # we made it: undo removes it, nothing of the user's to back up
-    if rel in journal.saved or any(rel.startswith(s + "/") for s in journal.saved):
-        return True
-    dst = journal.backup / rel
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if stat.S_ISDIR(st.st_mode):
-        shutil.copytree(src, dst, symlinks=True)
+    if journal.ours(rel):
+        _remove_at(dfd, name)
     else:
-        shutil.copy2(src, dst, follow_symlinks=False)
-    journal.saved.append(rel)
+        _set_aside(root_fd, dfd, name, rel, journal)
     return True
 
 
@@ -305,7 +516,8 @@ def apply(rootfs: Path, tar_path: Path, deleted_path: Path, journal: Journal) ->
     deleted = read_deleted(deleted_path)
     members = read_members(tar_path)
     summary = DiffSummary(files=len(members), deleted=len(deleted))
-    root_fd = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    journal.root = rootfs
+    root_fd = _open_root(rootfs)
     try:
         for rel in deleted:
             try:
@@ -313,15 +525,7 @@ def apply(rootfs: Path, tar_path: Path, deleted_path: Path, journal: Journal) ->
             except (FileNotFoundError, NotADirectoryError):
                 continue  # already gone
             try:
-                if _save(rootfs, rel, journal):
-                    try:
-                        _remove_at(dfd, name)
-                    except OSError:
-                        if not stat.S_ISDIR(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode):
-                            # one unlink failed (e.g. EROFS): nothing changed, so nothing for undo to put back
-                            journal.saved.remove(rel)
-                            (journal.backup / rel).unlink(missing_ok=True)
-                        raise
+                _clear(root_fd, dfd, name, rel, journal)
             finally:
                 os.close(dfd)
         with tarfile.open(tar_path, "r:") if tar_path.exists() else _empty() as tar:
@@ -334,23 +538,15 @@ def apply(rootfs: Path, tar_path: Path, deleted_path: Path, journal: Journal) ->
                         except FileNotFoundError:
                             st = None
                         if st is not None and stat.S_ISDIR(st.st_mode):
-                            journal.dir_meta.setdefault(m.name, (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                                                                 st.st_atime_ns, st.st_mtime_ns))
+                            journal.dir_meta.setdefault(m.name, _meta(st))
                         else:
-                            if st is not None:
-                                _save(rootfs, m.name, journal)
-                                _remove_at(dfd, name)
-                            else:
+                            if not _clear(root_fd, dfd, name, m.name, journal):
                                 journal.created.append(m.name)
                             os.mkdir(name, 0o700, dir_fd=dfd)
                         os.chmod(name, m.mode & 0o7777, dir_fd=dfd)  # mkdir's mode is cut by the umask
                     else:
-                        if not _save(rootfs, m.name, journal) and m.name not in journal.created:
+                        if not _clear(root_fd, dfd, name, m.name, journal) and m.name not in journal.created:
                             journal.created.append(m.name)
-                        try:
-                            _remove_at(dfd, name)
-                        except FileNotFoundError:
-                            pass
                         if m.issym():
                             os.symlink(m.linkname, name, dir_fd=dfd)
                         else:
@@ -380,8 +576,8 @@ class _empty:
 
 
 def undo(rootfs: Path, journal: Journal) -> None:
-    """Put back what apply changed: remove what it created, restore what it saved."""
-    root_fd = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    """Put back what apply changed: remove what it made, rename back what it set aside, drop the journal."""
+    root_fd = _open_root(rootfs)
     try:
         for rel in reversed(journal.created):
             try:
@@ -394,21 +590,30 @@ def undo(rootfs: Path, journal: Journal) -> None:
                 pass
             finally:
                 os.close(dfd)
-        for rel in journal.saved:
+        for rel, (mode, uid, gid, _, _) in reversed(journal.removed_dirs):  # parents first
             dfd, name = _open_parent(root_fd, rel, create=True)
             try:
-                try:
-                    _remove_at(dfd, name)
-                except FileNotFoundError:
-                    pass
+                os.mkdir(name, 0o700, dir_fd=dfd)
+                os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
+                os.chmod(name, mode, dir_fd=dfd)
             finally:
                 os.close(dfd)
-            src, dst = journal.backup / rel, rootfs / rel
-            if src.is_dir() and not src.is_symlink():
-                shutil.copytree(src, dst, symlinks=True)
-            else:
-                shutil.copy2(src, dst, follow_symlinks=False)
-        for rel, (mode, uid, gid, atime, mtime) in journal.dir_meta.items():
+        if journal.saved:
+            afd = journal._aside_fd(root_fd)
+            try:
+                for slot, rel in enumerate(journal.saved):
+                    dfd, name = _open_parent(root_fd, rel, create=True)
+                    try:
+                        try:
+                            _remove_at(dfd, name)
+                        except FileNotFoundError:
+                            pass
+                        os.rename(str(slot), name, src_dir_fd=afd, dst_dir_fd=dfd)
+                    finally:
+                        os.close(dfd)
+            finally:
+                os.close(afd)
+        for rel, (mode, uid, gid, atime, mtime) in [*journal.removed_dirs, *journal.dir_meta.items()]:
             try:
                 dfd, name = _open_parent(root_fd, rel, create=False)
             except (FileNotFoundError, NotADirectoryError, RootfsError):
@@ -423,4 +628,6 @@ def undo(rootfs: Path, journal: Journal) -> None:
                 os.close(dfd)
     finally:
         os.close(root_fd)
-    shutil.rmtree(journal.backup, ignore_errors=True)
+    err = journal.commit()  # the journal dir, empty by now
+    if err:
+        raise OSError(err)

@@ -5,16 +5,26 @@ Container env the worker may set: DYN_CHECKPOINT_HASH (the id), DYN_CHECKPOINT_P
 (on-ready's ready file), DYN_CHECKPOINT_SIGNAL_FILE (written when a checkpoint
 attempt ends: the marker JSON, `success: false` with the error on failure), and
 DYN_RESTORE_MARKER_FILE (written into a restored container).  Files go into the
-container through a chroot into /proc/<pid>/root from a throwaway child, so a
-symlink planted by the container resolves inside the container, never on the host.
+container from a throwaway child chrooted into /proc/<pid>/root, with the
+container process's uid, gid, groups and capabilities, walking the path without
+following any symlink and writing only a regular file (never a device node or a
+FIFO), within WRITE_TIMEOUT_S.
 """
 from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+from . import rootfs
+
+if TYPE_CHECKING:
+    from .log import Logger
 
 T = TypeVar("T")
 
@@ -27,43 +37,129 @@ def container_env(spec: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def in_container_root(pid: int, fn: Callable[[], T], default: T) -> T:
-    """Run fn in a child chrooted into the container's root (its mount namespace's view).
+WRITE_TIMEOUT_S = 5.0  # a write into the container is a few syscalls; past this the child is killed
 
-    Only booleans and None cross back (through the exit status); anything else is the default.
+
+@dataclass(frozen=True)
+class Creds:
+    """Who the container's process is, as the host sees it: what a write on its behalf may do."""
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    caps: int  # effective capabilities; none when it sits in another user namespace
+
+    @classmethod
+    def of(cls, pid: int) -> Creds:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        f = {k: v.split() for k, _, v in (ln.partition(":") for ln in lines)}
+        foreign = os.stat(f"/proc/{pid}/ns/user").st_ino != os.stat("/proc/self/ns/user").st_ino
+        return cls(int(f["Uid"][1]), int(f["Gid"][1]), tuple(int(g) for g in f["Groups"]),
+                   0 if foreign else int(f["CapEff"][0], 16))
+
+    def assume(self) -> None:
+        """Become this uid/gid/groups and keep only these capabilities (for good: a forked child only)."""
+        os.setgroups(list(self.groups))
+        os.setgid(self.gid)
+        os.setuid(self.uid)  # a non-zero uid drops every capability by itself
+        import ctypes  # noqa: PLC0415 - loaded before the chroot (run_in_container), only in that child
+        libc = ctypes.CDLL(None, use_errno=True)
+        head = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+        data = (ctypes.c_uint32 * 6)()  # (effective, permitted, inheritable) for caps 0-31, then 32-63
+        if libc.capget(head, data) != 0:
+            raise OSError(ctypes.get_errno(), "capget")
+        for i in (0, 1):
+            keep = data[3 * i + 1] & (self.caps >> (32 * i)) & 0xFFFFFFFF
+            data[3 * i:3 * i + 3] = [keep, keep, 0]
+        if libc.capset(head, data) != 0:
+            raise OSError(ctypes.get_errno(), "capset")
+
+
+def run_in_container(pid: int, fn: Callable[[], T], creds: Creds | None = None,
+                     timeout_s: float = WRITE_TIMEOUT_S) -> tuple[int, str]:
+    """Run fn in a child chrooted into the container's root (its mount namespace's view), as creds.
+
+    Returns (code, error): 0/1/2 for fn returning True/False/anything else, 3 with the error text
+    when it raised, 124 when it ran past timeout_s (the child is SIGKILLed: nothing the container
+    plants, a FIFO say, can hold the caller).
     """
+    r, w = os.pipe()
     child = os.fork()
     if child == 0:
         code = 3
         try:
+            os.close(r)
+            if creds is not None:
+                import ctypes  # noqa: F401, PLC0415 - for assume(): the container's root holds no Python of ours
             os.chroot(f"/proc/{pid}/root")
             os.chdir("/")
+            if creds is not None:
+                creds.assume()
             res = fn()
             code = 0 if res is True else (1 if res is False else 2)
-        except BaseException:  # noqa: BLE001
-            code = 3
+        except BaseException as e:  # noqa: BLE001
+            try:
+                os.write(w, f"{type(e).__name__}: {e}".encode(errors="replace")[:1000])
+            except OSError:
+                pass
         finally:
             os._exit(code)
-    _, status = os.waitpid(child, 0)
-    code = os.waitstatus_to_exitcode(status)
+    os.close(w)
+    pidfd = os.pidfd_open(child)
+    try:
+        if not select.select([pidfd], [], [], timeout_s)[0]:
+            os.kill(child, signal.SIGKILL)
+            if select.select([pidfd], [], [], 1.0)[0]:
+                os.waitpid(child, 0)
+            return 124, f"timed out after {timeout_s:g}s"  # an unkillable child is left to our reaper
+        _, status = os.waitpid(child, 0)
+        return os.waitstatus_to_exitcode(status), os.read(r, 1000).decode(errors="replace")
+    finally:
+        os.close(pidfd)
+        os.close(r)
+
+
+def in_container_root(pid: int, fn: Callable[[], T], default: T) -> T:
+    """Run fn in a child chrooted into the container's root; only booleans and None cross back."""
+    code, _ = run_in_container(pid, fn)
     return {0: True, 1: False, 2: None}.get(code, default)  # type: ignore[return-value]
 
 
-def write_in_container(pid: int, path: str, data: bytes) -> bool:
-    """Write a small file at an absolute path inside the container; False if it could not."""
-    if not PurePosixPath(path).is_absolute() or "\x00" in path:
-        return False
+class WriteRefused(Exception):
+    """A file the container asked for was not written; the message says why."""
+
+
+def write_in_container(pid: int, path: str, data: bytes) -> None:
+    """Write a small file at an absolute path inside the container, or raise WriteRefused.
+
+    The container chose the path, so the write has the container's own rights (its uid, gid,
+    groups and capabilities; it runs outside its device cgroup, hence the rest): no symlink is
+    followed anywhere on the path, and only a regular file is ever written or truncated, never a
+    device node or a FIFO (see rootfs.open_regular); the whole write is bounded by WRITE_TIMEOUT_S.
+    """
+    if not PurePosixPath(path).is_absolute():
+        raise WriteRefused(f"{path[:200]!r}: not an absolute path")
+    try:
+        rel = rootfs._check_rel(path.lstrip("/"), "path")
+        creds = Creds.of(pid)
+    except (rootfs.RootfsError, OSError, KeyError, ValueError, IndexError) as e:
+        raise WriteRefused(str(e)) from None
 
     def write() -> bool:
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
+        root_fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        dfd, name = rootfs._open_parent(root_fd, rel, create=True)
+        fd, _ = rootfs.open_regular(dfd, name, os.O_WRONLY, create_mode=0o644)
+        os.ftruncate(fd, 0)  # only now: open_regular has checked it is a regular file
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.close(fd)
         return True
-    return in_container_root(pid, write, default=False) is True
+    try:
+        code, err = run_in_container(pid, write, creds)
+    except OSError as e:  # fork, pipe: not the container's doing, still never the container's failure
+        raise WriteRefused(str(e)) from None
+    if code != 0:
+        raise WriteRefused(err or f"exit status {code}")
 
 
 def signal_body(cid: str, checkpoint_path: str, success: bool, error: str | None) -> dict[str, Any]:
@@ -72,22 +168,32 @@ def signal_body(cid: str, checkpoint_path: str, success: bool, error: str | None
             "success": success, "error": error}
 
 
+def _put(pid: int, target: str, body: dict[str, Any], what: str, log: Logger | None) -> str | None:
+    """Write body at target in the container; a refusal is logged (with log) and never fails it."""
+    try:
+        write_in_container(pid, target, json.dumps(body).encode())
+        return target
+    except WriteRefused as e:
+        if log is not None:
+            log.warning(f"{what} {target[:200]!r} not written into the container: {e}")
+        return None
+
+
 def notify_checkpoint(pid: int | None, spec: dict[str, Any], cid: str, host_path: Path, success: bool,
-                      error: str | None) -> str | None:
+                      error: str | None, log: Logger | None = None) -> str | None:
     """Write DYN_CHECKPOINT_SIGNAL_FILE into the container if it asked; returns the path written."""
     env = container_env(spec)
     target = env.get("DYN_CHECKPOINT_SIGNAL_FILE")
     if not target or not pid:
         return None
     seen = f"{env['DYN_CHECKPOINT_PATH'].rstrip('/')}/{cid}" if env.get("DYN_CHECKPOINT_PATH") else str(host_path)
-    body = json.dumps(signal_body(cid, seen, success, error)).encode()
-    return target if write_in_container(pid, target, body) else None
+    return _put(pid, target, signal_body(cid, seen, success, error), "DYN_CHECKPOINT_SIGNAL_FILE", log)
 
 
-def mark_restored(pid: int | None, spec: dict[str, Any], cid: str) -> str | None:
+def mark_restored(pid: int | None, spec: dict[str, Any], cid: str, log: Logger | None = None) -> str | None:
     """Write DYN_RESTORE_MARKER_FILE into a restored container so the process knows."""
     target = container_env(spec).get("DYN_RESTORE_MARKER_FILE")
     if not target or not pid:
         return None
-    body = json.dumps({"checkpoint_id": cid, "restored_at": time.time(), "success": True}).encode()
-    return target if write_in_container(pid, target, body) else None
+    body = {"checkpoint_id": cid, "restored_at": time.time(), "success": True}
+    return _put(pid, target, body, "DYN_RESTORE_MARKER_FILE", log)

@@ -140,7 +140,8 @@ class Supervisor:
                 self.store.record_dump_failure(st.checkpoint_id, res.reason)
             log.warning(f"on-ready: not checkpointed: {res.reason}")
         seed.notify_checkpoint(self.pid, self.spec, st.checkpoint_id,
-                               res.path or self.store.path(st.checkpoint_id), res.ok, None if res.ok else res.reason)
+                               res.path or self.store.path(st.checkpoint_id), res.ok, None if res.ok else res.reason,
+                               log=log)
 
 
 def main() -> int:

@@ -167,9 +167,14 @@ def start_ready(c: shim.Container) -> dict:
 
 
 def make_checkpoint(node: RNode, cid: str, short: str = "dumper", size: int = 8 << 20, asks: int = 2,
-                    annotations: dict[str, str] | None = None, **kw) -> dict:
-    """A real checkpoint of a running workload; returns what the workload said (random, counter)."""
+                    annotations: dict[str, str] | None = None, prepare=None, **kw) -> dict:
+    """A real checkpoint of a running workload; returns what the workload said (random, counter).
+
+    prepare(container) runs before create: what it puts in the rootfs is part of the image, which a
+    restoring container must then have too (image_id.fingerprint)."""
     c = node.ctr(short, annotations or ann(cid), size=size, **kw)
+    if prepare:
+        prepare(c)
     ready = start_ready(c)
     last = {}
     for _ in range(asks):
