@@ -27,6 +27,7 @@ import stat
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -42,6 +43,7 @@ ROOTFS_DIFF = "rootfs-diff.tar"
 DELETED = "deleted.files"
 DUMP_LOG = "dump.log"
 CONTROL_FILES = {MARKER, METADATA}
+DERIVED = ("mounts", "security")  # node-local caches of what a restore decodes from the images
 MAX_METADATA = 16 * 1024 * 1024
 
 
@@ -103,29 +105,41 @@ class Store:
     # -- locks ----------------------------------------------------------------
     @contextmanager
     def lock(self, cid: str, exclusive: bool = True, blocking: bool = False) -> Iterator[bool]:
-        """Yields True when the lock is held, False when someone else holds it (non-blocking)."""
+        """Yields True when the lock is held, False when someone else holds it (non-blocking).
+
+        `remove` and `gc` unlink a lock file while holding it exclusively; whoever was waiting on
+        the old file then holds a lock nobody else can see, so a lock counts only while its file is
+        still the one at the path (else it is taken again on the new file).
+        """
         lock_path = self.root / ".locks" / f"{validate_id(cid)}.lock"
-        try:
-            self.ensure()
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            if e.errno != errno.EROFS or exclusive:
-                raise
-            try:  # a read-only store can still be restored from: flock works on a read-only fd
-                fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                yield True  # no lock file on a read-only store: nothing can remove the checkpoint anyway
-                return
-        try:
-            flags = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        while True:
             try:
-                fcntl.flock(fd, flags | (0 if blocking else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            yield True
-        finally:
-            os.close(fd)
+                self.ensure()
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                if e.errno != errno.EROFS or exclusive:
+                    raise
+                try:  # a read-only store can still be restored from: flock works on a read-only fd
+                    fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    yield True  # no lock file on a read-only store: nothing can remove the checkpoint anyway
+                    return
+            try:
+                flags = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+                try:
+                    fcntl.flock(fd, flags | (0 if blocking else fcntl.LOCK_NB))
+                except BlockingIOError:
+                    yield False
+                    return
+                try:
+                    current = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    current = False
+                if current:
+                    yield True
+                    return
+            finally:
+                os.close(fd)
 
     # -- publish --------------------------------------------------------------
     def new_tmp(self, cid: str) -> Path:
@@ -195,15 +209,26 @@ class Store:
             shutil.rmtree(trash, ignore_errors=True)
 
     def remove(self, cid: str) -> bool:
+        """Remove checkpoint `cid` and everything kept about it; True when there was anything to remove."""
         with self.lock(cid) as held:
             if not held:
                 raise CheckpointError(f"{cid}: checkpoint is in use (restore or dump running); try again")
-            existed = self.path(cid).exists() or self.path(cid).is_symlink()
-            self._discard(self.path(cid))
-            (self.seal_dir / f"{cid}.json").unlink(missing_ok=True)
-            (self.seal_dir / f"{cid}.mounts.json").unlink(missing_ok=True)
-            (self.root / ".quarantine" / f"{cid}.json").unlink(missing_ok=True)
+            path = self.path(cid)
+            existed = path.exists() or path.is_symlink() or self.dump_failure(cid) is not None \
+                or self._qpath(cid).exists()
+            self._discard(path)
+            self._forget(cid)
             return existed
+
+    def _forget(self, cid: str) -> None:
+        """Drop what is kept about `cid` besides its dir (caller holds its lock exclusively): seal, derived
+        caches, its quarantine here and in the scopes it is shared with, dump status, and the lock file."""
+        for f in [self.seal_dir / f"{cid}.json", *self.seal_dir.glob(f"{glob_escape(cid)}.*.json"),
+                  self._qpath(cid), self.root / ".status" / f"{cid}.json",
+                  *(Store(self.settings, other)._qpath(cid, self.scope)
+                    for other in Store.scopes(self.settings) if other != self.scope)]:
+            f.unlink(missing_ok=True)
+        (self.root / ".locks" / f"{cid}.lock").unlink(missing_ok=True)
 
     # -- seal -----------------------------------------------------------------
     def _stat_record(self, path: Path) -> dict[str, list[int]]:
@@ -364,10 +389,40 @@ class Store:
                     with self.lock(cid) as held:
                         if held and not (p / MARKER).is_file():
                             self._discard(p)
+                            self._forget(cid)
                             removed.append(str(p))
                 except ValueError:
                     continue
+        removed += self._reap_orphans(max_tmp_age_s)
         return removed
+
+    def _reap_orphans(self, max_age_s: float) -> list[str]:
+        """Locks, seals and caches of ids that have no checkpoint (and no dump in progress), and dump
+        failures older than max_age_s: what `list` would otherwise show forever."""
+        out = []
+        known = {p.name.rsplit(".", 1)[0] for p in (self.root / ".tmp").glob("*")} | set(self.ids())
+        names = {p.name.split(".lock")[0] for p in (self.root / ".locks").glob("*.lock")}
+        names |= {_seal_owner(p.name) for p in self.seal_dir.glob("*.json")} if self.seal_dir.is_dir() else set()
+        names |= {p.stem for p in (self.root / ".status").glob("*.json")}
+        for cid in sorted(names - known):
+            status = self.root / ".status" / f"{cid}.json"
+            try:
+                if status.exists() and time.time() - status.stat().st_mtime < max_age_s:
+                    continue
+                with self.lock(cid) as held:
+                    if held and not self.path(cid).exists():
+                        self._forget(cid)
+                        out.append(f"{self.root}/{cid} (status, lock, seal)")
+            except (ValueError, OSError):
+                continue
+        return out
+
+
+def _seal_owner(name: str) -> str:
+    """The checkpoint id of a seal-dir file: <id>.json or <id>.<derived>.json (ids may hold dots)."""
+    stem = name.removesuffix(".json")
+    base, _, kind = stem.rpartition(".")
+    return base if kind in DERIVED else stem
 
 
 def locate(settings: Settings, scope: str, cid: str) -> Store | None:

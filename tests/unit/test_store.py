@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import os
 import subprocess
 import sys
@@ -412,3 +413,57 @@ def test_gc_keeps_in_progress_dump(store):
         tmp = store.new_tmp("plain")
         store.gc()
         assert tmp.exists()
+
+
+def test_remove_leaves_nothing_of_the_id(store, ck):
+    """Checkpoint dir, seal, derived caches, quarantine, dump status and lock file all go."""
+    store.open_verified(CID)
+    (store.seal_dir / f"{CID}.mounts.json").write_text("{}")
+    (store.seal_dir / f"{CID}.security.json").write_text("{}")
+    store.record_restore(CID, False, "boom")
+    store.record_dump_failure(CID, "earlier dump failed")
+    with store.lock(CID):
+        pass
+    assert store.remove(CID) is True
+    left = [p for d in (store.root, store.seal_dir) for p in d.rglob("*") if CID in p.name]
+    assert not left, left
+
+
+def test_remove_an_id_with_only_a_failed_dump(store):
+    """`list` shows such an id as failed: `remove` must call it present and clear it."""
+    store.record_dump_failure("only-failed", "CRIU said no")
+    assert store.dump_failure("only-failed") is not None
+    assert store.remove("only-failed") is True
+    assert store.dump_failure("only-failed") is None
+    assert not (store.root / ".locks" / "only-failed.lock").exists()
+    assert store.remove("only-failed") is False
+
+
+def test_gc_reaps_orphans_but_keeps_fresh_failures_and_live_checkpoints(store, ck):
+    store.record_dump_failure("gone.v1", "old failure")
+    with store.lock("gone.v1"):
+        pass
+    (store.seal_dir / "gone.v1.mounts.json").write_text("{}")
+    store.gc(max_tmp_age_s=3600)
+    assert store.dump_failure("gone.v1") is not None, "a fresh failure is what `list` should still show"
+    store.gc(max_tmp_age_s=0)
+    assert store.dump_failure("gone.v1") is None
+    assert not (store.root / ".locks" / "gone.v1.lock").exists()
+    assert not (store.seal_dir / "gone.v1.mounts.json").exists()
+    assert store.open_verified(CID).verified_by == "seal", "the live checkpoint's seal was reaped"
+
+
+def test_a_lock_on_a_removed_lock_file_is_taken_again(store):
+    """remove/gc unlink a lock file while holding it; a waiter that then gets the old file must retry."""
+    import threading
+    got = []
+    with store.lock("x") as held:
+        assert held
+        t = threading.Thread(target=lambda: got.append(store.lock("x", blocking=True).__enter__()))
+        t.start()
+        time.sleep(0.1)
+        (store.root / ".locks" / "x.lock").unlink()
+    t.join(5)
+    assert got == [True]
+    lock_file = store.root / ".locks" / "x.lock"
+    assert lock_file.exists(), "the waiter holds a lock on a file nobody else can see"

@@ -1,0 +1,45 @@
+"""`warmstart list`, `remove` and `gc` agree on what exists, and leave nothing of an id behind (issue 12, item 3)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from reliability_lib import RNode, ann, make_checkpoint, start_ready
+
+pytestmark = [pytest.mark.reliability]
+
+
+def listed(node: RNode) -> dict[str, str]:
+    return {r["id"]: r["status"] for r in json.loads(node.warmstart("list", "--json", check=True).stdout)}
+
+
+def leftovers(node: RNode, cid: str) -> list[str]:
+    return sorted(str(p) for d in (node.store_root, node.base / "seals") for p in d.rglob("*") if cid in p.name)
+
+
+def test_an_id_whose_dump_failed_is_listed_then_removed_completely(node: RNode):
+    """A failed dump (here: its pre-dump hook fails) leaves only a status; remove used to call it absent."""
+    c = node.ctr("f1", {**ann("faildump"), "warmstart.dev/pre-dump": "exit 3"})
+    start_ready(c)
+    c.stop()
+    c.delete()
+    assert listed(node).get("faildump") == "failed", listed(node)
+    p = node.warmstart("remove", "faildump")
+    assert p.returncode == 0 and "faildump: removed" in p.stdout, p.stdout + p.stderr
+    assert "faildump" not in listed(node)
+    assert not leftovers(node, "faildump"), leftovers(node, "faildump")
+
+
+def test_remove_of_a_used_checkpoint_leaves_no_seal_cache_or_lock(node: RNode):
+    make_checkpoint(node, "used")
+    c = node.ctr("u1", ann("used"))  # a restore: seal and the decoded mounts/security caches exist now
+    c.create()
+    c.start()
+    c.ask()
+    c.stop()
+    c.delete()
+    assert any(p.endswith(".security.json") for p in leftovers(node, "used"))
+    assert node.warmstart("remove", "used").returncode == 0
+    assert not leftovers(node, "used"), leftovers(node, "used")
+    assert node.warmstart("gc", "--min-age", "0").returncode == 0
+    assert listed(node) == {}
