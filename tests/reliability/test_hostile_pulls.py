@@ -12,10 +12,12 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 from reliability_lib import RNode, count
+from warmstart import signing
 from warmstart.config import Settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
@@ -42,7 +44,18 @@ CASES = {
                            True, "the image's blobs take"),
     "files-over-the-cap": (lambda: [*control({"pages-1.img": 64 << 20}), entry("pages-1.img", 64 << 20)], True,
                            "the checkpoint's files take"),
+    # a consistent checkpoint anyone could build: without a trusted signature it never lands
+    "unsigned": (lambda: [*control({"dump.log": 3}), entry("dump.log", b"log")], True, "not signed"),
+    "signed-by-a-stranger": (lambda: [*control({"dump.log": 3}, signing_key=stranger_key()), entry("dump.log", b"log")],
+                             True, "not in this node's trusted_keys"),
 }
+
+
+def stranger_key() -> Path:
+    """An ed25519 key no node trusts."""
+    d = Path(tempfile.mkdtemp(prefix="stranger-"))
+    signing.keygen(d / "k", d / "k.pub")
+    return d / "k"
 
 
 def push(lay: Path, ref: str) -> None:
