@@ -22,7 +22,9 @@ CONTAINERD_CONFD="${WARMSTART_CONTAINERD_CONFD:-/etc/containerd/conf.d}"
 SYS_PYTHON=/usr/bin/python3        # never the pyenv shim that may be first on PATH
 
 CRIU_VERSION=4.1.1
-CRIU_MIN=4.1
+# The minimum CRIU is runtime/criu.py's MIN_VERSION, read here so there is one.
+CRIU_MIN="$(sed -n 's/^MIN_VERSION = (\([0-9]*\), \([0-9]*\)).*/\1.\2/p' "$REPO_DIR/runtime/criu.py")"
+[ -n "$CRIU_MIN" ] || { echo "install.sh: cannot read MIN_VERSION from runtime/criu.py" >&2; exit 1; }
 CRIU_TARBALL="criu_${CRIU_VERSION}.orig.tar.xz"
 CRIU_SHA256=f80a66cb3726bb2116266d4759ce3bcbfab7abdb6b6d430bf20dd41911717afe
 CRIU_SRC="$CACHE/criu-$CRIU_VERSION"

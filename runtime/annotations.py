@@ -7,12 +7,12 @@ runs the container as plain runc.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 from . import identity as ident
+from . import ids
 from .seed import container_env
 
 PREFIX = "warmstart.dev/"
@@ -30,7 +30,7 @@ READY_TIMEOUT = PREFIX + "ready-timeout"  # on-ready: give up waiting after this
 KNOWN = {CHECKPOINT, ID, IDENTITY, PRE_DUMP, POST_RESTORE, HOOK_TIMEOUT, RESTORE,
          READY_FILE, READY_HTTP, READY_DELAY, READY_TIMEOUT}
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"
-ID_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+ID_RE = ids.ID_RE
 MAX_VALUE = 64 * 1024
 
 
@@ -54,11 +54,10 @@ class Policy:
 
 
 def validate_id(value: str, field: str = ID) -> str:
-    if not isinstance(value, str) or not ID_RE.fullmatch(value):
-        shown = repr(value)[:80]
-        raise AnnotationError(
-            f"{field}: invalid checkpoint id {shown}; use 1-128 characters from [A-Za-z0-9._-], not starting with '.'")
-    return value
+    try:
+        return ids.validate_id(value, field)
+    except ids.InvalidId as e:
+        raise AnnotationError(str(e)) from None
 
 
 def is_sandbox(annotations: dict[str, str]) -> bool:

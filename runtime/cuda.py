@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import runc
+from .spec import Spec
 
 # CUprocessState
 RUNNING, LOCKED, CHECKPOINTED, FAILED = 0, 1, 2, 3
@@ -127,14 +128,6 @@ class Driver:
         self._check("cuCheckpointProcessUnlock", pid, self.lib.cuCheckpointProcessUnlock(pid, None))
 
 
-def wanted(spec: dict[str, Any]) -> bool:
-    """Does the container see a GPU (an /dev/nvidia* device or device mount in its spec)?"""
-    linux = spec.get("linux") or {}
-    if any(str(d.get("path", "")).startswith("/dev/nvidia") for d in linux.get("devices") or []):
-        return True
-    return any(str(m.get("destination", "")).startswith("/dev/nvidia") for m in spec.get("mounts") or [])
-
-
 def container_pids(runc_path: Path, g: runc.GlobalOpts, cid: str) -> list[int]:
     """Host PIDs of every process of the container (`runc ps --format json`)."""
     p = runc.run(runc_path, g.argv + ["ps", "--format", "json", cid], timeout=30)
@@ -238,7 +231,7 @@ def checkpoint_container(runc_path: Path, g: runc.GlobalOpts, cid: str,
     (None, None) when the container has no GPU device or the node no libcuda;
     raises CudaError (after undoing) when a process cannot be locked or checkpointed.
     """
-    if not wanted(spec):
+    if not Spec(spec).has_gpu:
         return None, None
     drv = Driver.load()
     if drv is None:

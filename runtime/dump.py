@@ -101,7 +101,7 @@ def dump(settings: Settings, g: runc.GlobalOpts, st: ContainerState, sd: StateDi
                 with ph("pre_dump_hook"):
                     from . import hooks_exec  # noqa: PLC0415 - http.client and friends: only when used
                     hooks_exec.run(hooks.pre_dump, settings.runc, g, st.container_id, spec, hooks.timeout_s)
-            if cuda.wanted(spec):
+            if Spec(spec).has_gpu:
                 with ph("cuda_checkpoint"):
                     drv, cuda_s = cuda.checkpoint_container(settings.runc, g, st.container_id, spec)
             with ph("criu_config"):

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import procfs, runc
+from .spec import Spec
 
 RESTORE_ANNOTATION = "warmstart.dev/restore"
 MODES = ("eager", "lazy")
@@ -41,17 +42,10 @@ def requested(spec: dict[str, Any]) -> bool:
     return str((spec.get("annotations") or {}).get(RESTORE_ANNOTATION, "")).strip() == "lazy"
 
 
-def has_gpu_devices(spec: dict[str, Any]) -> bool:
-    linux = spec.get("linux") or {}
-    paths = [str(d.get("path", "")) for d in linux.get("devices") or []]
-    paths += [str(m.get("destination", "")) for m in spec.get("mounts") or []]
-    return any(p.startswith("/dev/nvidia") for p in paths)
-
-
 def eligible(spec: dict[str, Any]) -> tuple[bool, str]:
     if not requested(spec):
         return False, "eager (default)"
-    if has_gpu_devices(spec):
+    if Spec(spec).has_gpu:
         return False, "eager: lazy pages are off for containers with /dev/nvidia* devices"
     return True, "lazy"
 

@@ -28,7 +28,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .annotations import validate_id
+from .ids import validate_id
 from .store import CONTROL_FILES, MARKER, MAX_METADATA, METADATA
 
 ANNOTATION = "warmstart.dev/checkpoint-id"

@@ -31,7 +31,7 @@ from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Iterator
 
-from .annotations import validate_id
+from .ids import validate_id
 from .config import Settings
 from .trust import K8S_NAMESPACE_RE, LOCAL_SCOPE
 from .fileutil import fsync_path, sha256_file, write_json_atomic  # noqa: F401 - re-exported

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..config import INSTALLED_RUNTIME
+from ..criu import MIN_VERSION as CRIU_MIN
 
-CRIU_MIN = (4, 1)
 RUNTIME = INSTALLED_RUNTIME
 DEFAULT_VENV = Path("/opt/warmstart/venv")
 CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from .. import config, oci
-from ..annotations import validate_id
+from ..ids import validate_id
 from ..store import CheckpointError, Store
 from .store_cmds import add_scope_argument
 

@@ -6,7 +6,7 @@ import json
 import sys
 
 from .. import config, identity
-from ..annotations import validate_id
+from ..ids import validate_id
 from ..store import CheckpointError, Store
 from ..trust import LOCAL_SCOPE
 

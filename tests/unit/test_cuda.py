@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from warmstart import cuda
+from warmstart.spec import Spec
 
 SRC = Path(__file__).parent / "fixtures" / "fake_libcuda.c"
 
@@ -50,11 +51,11 @@ def test_load_absent_is_none(tmp_path):
     assert cuda.Driver.load(str(tmp_path / "nope.so")) is None
 
 
-def test_wanted_only_with_nvidia_devices():
-    assert not cuda.wanted({"linux": {"devices": [{"path": "/dev/fuse"}]}})
-    assert cuda.wanted({"linux": {"devices": [{"path": "/dev/nvidia0", "type": "c", "major": 195, "minor": 0}]}})
-    assert cuda.wanted({"mounts": [{"destination": "/dev/nvidiactl", "type": "bind", "source": "/dev/nvidiactl"}]})
-    assert not cuda.wanted({})
+def test_gpu_only_with_nvidia_devices():
+    assert not Spec({"linux": {"devices": [{"path": "/dev/fuse"}]}}).has_gpu
+    assert Spec({"linux": {"devices": [{"path": "/dev/nvidia0", "type": "c", "major": 195, "minor": 0}]}}).has_gpu
+    assert Spec({"mounts": [{"destination": "/dev/nvidiactl", "type": "bind", "source": "/dev/nvidiactl"}]}).has_gpu
+    assert not Spec({}).has_gpu
 
 
 def test_checkpoint_a_process_tree_and_restore(drv):
