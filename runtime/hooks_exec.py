@@ -24,19 +24,16 @@ import http.client
 import json
 import os
 import re
-import select
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import runc
+from . import nsrun, runc
 
 DEFAULT_TIMEOUT_S = 60
-CLONE_NEWNET = 0x40000000
 _HTTP_RE = re.compile(r"^(?:(GET|POST)\s+)?(http://\S+|:\d{1,5}/\S*)$")
 
 
@@ -87,57 +84,25 @@ def parse_timeout(value: str | None) -> int:
 
 
 def _http_in_netns(pid: int | None, action: Action, timeout: float) -> str:
-    """Do the request from inside the container's network namespace (a forked child does the setns)."""
-    r, w = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        code, msg = 1, ""
-        try:
-            os.close(r)
-            if pid:
-                import ctypes
-                libc = ctypes.CDLL(None, use_errno=True)
-                fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns(net) failed")
-            u = urlsplit(action.url)
-            conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
-            conn.request(action.method, (u.path or "/") + (f"?{u.query}" if u.query else ""),
-                         body=b"" if action.method == "POST" else None)
-            resp = conn.getresponse()
-            body = resp.read(300).decode(errors="replace")
-            code = 0 if 200 <= resp.status < 300 else 2
-            msg = f"HTTP {resp.status} {body.strip()[:200]}"
-        except BaseException as e:  # noqa: BLE001
-            msg = f"{type(e).__name__}: {e}"
-        finally:
-            try:
-                os.write(w, json.dumps({"code": code, "msg": msg}).encode())
-            finally:
-                os._exit(code)
-    os.close(w)
-    try:
-        deadline = time.monotonic() + timeout + 1
-        data = b""
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([r], [], [], left)[0]:
-                os.kill(child, 9)
-                raise HookError(f"{action.describe()} timed out after {timeout:g}s")
-            chunk = os.read(r, 4096)
-            if not chunk:
-                break
-            data += chunk
-    finally:
-        os.close(r)
-        os.waitpid(child, 0)
-    try:
-        res = json.loads(data or b"{}")
-    except ValueError:
-        res = {"code": 1, "msg": "no answer from the request process"}
-    if res.get("code") != 0:
-        raise HookError(f"{action.describe()} failed: {res.get('msg')}")
-    return str(res.get("msg"))
+    """Do the request from inside the container's network namespace (nsrun's child does the setns)."""
+    def request() -> bytes:
+        u = urlsplit(action.url)
+        conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
+        conn.request(action.method, (u.path or "/") + (f"?{u.query}" if u.query else ""),
+                     body=b"" if action.method == "POST" else None)
+        resp = conn.getresponse()
+        body = resp.read(300).decode(errors="replace")
+        return json.dumps({"ok": 200 <= resp.status < 300, "msg": f"HTTP {resp.status} {body.strip()[:200]}"}).encode()
+    out = nsrun.run(request, setns=((f"/proc/{pid}/ns/net", nsrun.CLONE_NEWNET),) if pid else (),
+                    timeout_s=timeout + 1)
+    if not out.ok:
+        if out.error.startswith("timed out"):
+            raise HookError(f"{action.describe()} timed out after {timeout:g}s")
+        raise HookError(f"{action.describe()} failed: {out.error}")
+    res = json.loads(out.data)
+    if not res["ok"]:
+        raise HookError(f"{action.describe()} failed: {res['msg']}")
+    return str(res["msg"])
 
 
 def _exec(runc_path: Path, g: runc.GlobalOpts, cid: str, spec: dict[str, Any], action: Action,

@@ -15,6 +15,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from . import annotations as ann
+from . import nsrun
 from .seed import container_env, in_container_root
 
 DEFAULT_READY_FILE = "/tmp/checkpoint-ready"
@@ -67,32 +68,14 @@ def file_ready(pid: int, path: str) -> bool:
 
 def http_ready(pid: int, port: int, path: str, timeout: float = 2.0) -> bool:
     """GET http://127.0.0.1:PORT/PATH from inside the container's network namespace answers 2xx."""
-    r, w = os.pipe()
-    child = os.fork()
-    if child == 0:
-        ok = b"0"
-        try:
-            os.close(r)
-            import ctypes
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
-            if libc.setns(fd, 0x40000000) == 0:  # CLONE_NEWNET
-                with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-                    s.settimeout(timeout)
-                    s.sendall(f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
-                    status = s.recv(64).split(b" ", 2)
-                    if len(status) >= 2 and status[1][:1] == b"2":
-                        ok = b"1"
-        except Exception:  # noqa: BLE001 - not ready (refused, reset, timeout)
-            pass
-        finally:
-            os.write(w, ok)
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        got = f.read(1)
-    os.waitpid(child, 0)
-    return got == b"1"
+    def get() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            s.sendall(f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
+            status = s.recv(64).split(b" ", 2)
+            return b"1" if len(status) >= 2 and status[1][:1] == b"2" else b"0"
+    out = nsrun.run(get, setns=((f"/proc/{pid}/ns/net", nsrun.CLONE_NEWNET),), timeout_s=timeout + 1)
+    return out.ok and out.data == b"1"  # refused, reset, timed out: not ready
 
 
 def is_ready(pid: int, r: Readiness) -> bool:

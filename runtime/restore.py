@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import annotations, criu, cuda, gpu, lazy, mounts, procfs, rootfs, runc, trust, versions
+from . import annotations, criu, cuda, gpu, lazy, mounts, nsrun, procfs, rootfs, runc, trust, versions
 from .config import Settings
 from .log import Logger, keep_criu_log
 from .phases import Phases
@@ -172,34 +172,17 @@ def restore(settings: Settings, store: Store, g: runc.GlobalOpts, c: runc.Create
 
 
 def _in_uts(ns_file: str, hostname: str | None = None) -> str:
-    """Read (or set) the hostname of the UTS namespace at ns_file, from a throwaway child.
+    """Read (or set) the hostname of the UTS namespace at ns_file (nsrun's child does the setns)."""
+    import socket  # noqa: PLC0415
 
-    setns would move this process into the namespace, so a forked child does it.
-    """
-    r, w = os.pipe()
-    child = os.fork()
-    if child == 0:
-        code = 1
-        try:
-            os.close(r)
-            import ctypes
-            import socket
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(ns_file, os.O_RDONLY)
-            if libc.setns(fd, 0x04000000) == 0:  # CLONE_NEWUTS
-                if hostname is not None:
-                    socket.sethostname(hostname)
-                os.write(w, socket.gethostname().encode())
-                code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        out = f.read().decode(errors="replace")
-    _, status = os.waitpid(child, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RestoreFailed(f"could not {'set' if hostname else 'read'} the hostname in {ns_file}")
-    return out
+    def uts() -> bytes:
+        if hostname is not None:
+            socket.sethostname(hostname)
+        return socket.gethostname().encode()
+    out = nsrun.run(uts, setns=((ns_file, nsrun.CLONE_NEWUTS),))
+    if not out.ok:
+        raise RestoreFailed(f"could not {'set' if hostname else 'read'} the hostname in {ns_file}: {out.error}")
+    return out.data.decode(errors="replace")
 
 
 def expected_hostname(spec: Spec) -> str | None:

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import select
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from . import rootfs
+from . import nsrun, rootfs
 
 if TYPE_CHECKING:
     from .log import Logger
@@ -61,7 +59,7 @@ class Creds:
         os.setgroups(list(self.groups))
         os.setgid(self.gid)
         os.setuid(self.uid)  # a non-zero uid drops every capability by itself
-        import ctypes  # noqa: PLC0415 - loaded before the chroot (run_in_container), only in that child
+        import ctypes  # noqa: PLC0415 - nsrun loads it before the chroot, in that child only
         libc = ctypes.CDLL(None, use_errno=True)
         head = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
         data = (ctypes.c_uint32 * 6)()  # (effective, permitted, inheritable) for caps 0-31, then 32-63
@@ -79,43 +77,16 @@ def run_in_container(pid: int, fn: Callable[[], T], creds: Creds | None = None,
     """Run fn in a child chrooted into the container's root (its mount namespace's view), as creds.
 
     Returns (code, error): 0/1/2 for fn returning True/False/anything else, 3 with the error text
-    when it raised, 124 when it ran past timeout_s (the child is SIGKILLed: nothing the container
+    when it raised, 124 when it ran past timeout_s (nsrun kills the child: nothing the container
     plants, a FIFO say, can hold the caller).
     """
-    r, w = os.pipe()
-    child = os.fork()
-    if child == 0:
-        code = 3
-        try:
-            os.close(r)
-            if creds is not None:
-                import ctypes  # noqa: F401, PLC0415 - for assume(): the container's root holds no Python of ours
-            os.chroot(f"/proc/{pid}/root")
-            os.chdir("/")
-            if creds is not None:
-                creds.assume()
-            res = fn()
-            code = 0 if res is True else (1 if res is False else 2)
-        except BaseException as e:  # noqa: BLE001
-            try:
-                os.write(w, f"{type(e).__name__}: {e}".encode(errors="replace")[:1000])
-            except OSError:
-                pass
-        finally:
-            os._exit(code)
-    os.close(w)
-    pidfd = os.pidfd_open(child)
-    try:
-        if not select.select([pidfd], [], [], timeout_s)[0]:
-            os.kill(child, signal.SIGKILL)
-            if select.select([pidfd], [], [], 1.0)[0]:
-                os.waitpid(child, 0)
-            return 124, f"timed out after {timeout_s:g}s"  # an unkillable child is left to our reaper
-        _, status = os.waitpid(child, 0)
-        return os.waitstatus_to_exitcode(status), os.read(r, 1000).decode(errors="replace")
-    finally:
-        os.close(pidfd)
-        os.close(r)
+    def call() -> bytes:
+        res = fn()
+        return b"0" if res is True else (b"1" if res is False else b"2")
+    out = nsrun.run(call, chroot=f"/proc/{pid}/root", then=creds.assume if creds else None, timeout_s=timeout_s)
+    if out.ok:
+        return int(out.data or b"2"), ""
+    return (124 if out.error.startswith("timed out") else 3), out.error
 
 
 def in_container_root(pid: int, fn: Callable[[], T], default: T) -> T:
