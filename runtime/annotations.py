@@ -13,7 +13,6 @@ from typing import Any
 
 from . import identity as ident
 from . import ids
-from .seed import container_env
 
 PREFIX = "warmstart.dev/"
 CHECKPOINT = PREFIX + "checkpoint"
@@ -104,7 +103,9 @@ def policy_from_spec(spec: dict[str, Any]) -> Policy | None:
         return Policy(mode, cid, "id", identity)
     if identity is not None:
         return Policy(mode, ident.identity_hash(identity), "identity", identity)
-    env_hash = container_env(spec).get("DYN_CHECKPOINT_HASH")
+    from .spec import Spec  # noqa: PLC0415
+
+    env_hash = Spec(spec).env.get("DYN_CHECKPOINT_HASH")
     if env_hash:
         return Policy(mode, validate_id(env_hash, "env DYN_CHECKPOINT_HASH"), "env")
     return Policy(mode, ident.fallback_hash(spec), "auto")

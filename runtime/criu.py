@@ -59,7 +59,8 @@ def restore_config(cgroup_root: str | None, ext_mount_maps: dict[str, str] | Non
     """`cgroup-root :<path>` puts restored tasks into the *new* container's cgroup.
 
     runc 1.1.x otherwise restores them into the dumped container's cgroup on
-    cgroup v2 (design.md §6); with the new path CRIU recreates the tree there.
+    cgroup v2 (tests/e2e/test_runc_e2e.py restores into a new cgroup); with the new path CRIU
+    recreates the tree there.
     """
     opts = list(RESTORE_OPTIONS)
     if cgroup_root:

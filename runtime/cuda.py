@@ -5,7 +5,7 @@ holds CUDA state (the driver moves its GPU memory into host memory and releases
 every /dev/nvidia* fd and mapping, so CRIU sees a plain process).  After
 `runc restore`: restore → unlock each, found again by host PID in the restored
 container (host PIDs change on restore).  Called from a separate process (the
-runtime); no cuInit is needed in the caller (measured on the lent H100).
+runtime); no cuInit is needed in the caller (benchmarks/gpu_results.md, tests/gpu/).
 
 Nothing here runs for a container without an /dev/nvidia* device in its spec,
 and nothing is loaded when libcuda is absent: zero cost for CPU containers.

@@ -1,4 +1,4 @@
-"""Checkpoint ids: the seed's DynamoCheckpoint identity hash and our fallback hash.
+"""Checkpoint ids: Dynamo's DynamoCheckpoint identity hash and our fallback hash.
 
 The identity hash must be byte-compatible with Dynamo's Go code (encoding/json
 of a struct with fields in declaration order), so one store can serve both.

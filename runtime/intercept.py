@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import annotations, config, image_id, readiness, rootfs, runc, seed, supervisor, trust
+from . import annotations, config, image_id, readiness, rootfs, runc, dynamo_protocol, supervisor, trust
 from .fileutil import write_json_atomic
 from .log import Logger
 from .spec import Spec
@@ -108,7 +108,7 @@ def create(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest:
             st.restored, st.restored_from = True, policy.checkpoint_id
             sd.save(st)
             log.info(res.reason, phases=res.phases, pid=res.pid)
-            seed.mark_restored(res.pid, spec, policy.checkpoint_id, log)
+            dynamo_protocol.mark_restored(res.pid, spec, policy.checkpoint_id, log)
             return 0
         log.warning(f"cold start: {res.reason}", phases=res.phases)
         write_json_atomic(cfg, _inject(spec, sd, hooks=True), mode=0o644)  # a cold create gets its hooks

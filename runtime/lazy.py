@@ -4,7 +4,7 @@ Opt-in per container with the annotation `warmstart.dev/restore: lazy`.  The
 restored process starts running as soon as its non-memory state is back; its
 memory pages are served on first touch (userfaultfd) by `criu lazy-pages`, which
 also pushes the remaining pages in the background and exits once all are in.
-Time to first response then no longer grows with the state size (design.md §3:
+Time to first response then no longer grows with the state size (benchmarks/README.md:
 first touch of fresh memory is what an eager restore pays for up front).
 
 The daemon never outlives its purpose: a small supervisor process (forked

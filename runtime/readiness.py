@@ -2,7 +2,7 @@
 
 Signals (documented in README): a ready file inside the container
 (`warmstart.dev/ready-file`, else env DYN_CHECKPOINT_READY_FILE, else
-/tmp/checkpoint-ready, as the seed does), or an HTTP GET that answers 2xx
+/tmp/checkpoint-ready, as Dynamo's workers do), or an HTTP GET that answers 2xx
 (`warmstart.dev/ready-http: "8080/ready"`), probed inside the container's
 network namespace.  Both are looked at from the host, through /proc/<pid>.
 """
@@ -16,7 +16,8 @@ from typing import Any
 
 from . import annotations as ann
 from . import nsrun
-from .seed import container_env, in_container_root
+from .dynamo_protocol import in_container_root
+from .spec import Spec
 
 DEFAULT_READY_FILE = "/tmp/checkpoint-ready"
 MAX_WAIT_S = 24 * 3600
@@ -43,7 +44,7 @@ def _seconds(key: str, raw: str, upper: float) -> float:
 
 def from_spec(spec: dict[str, Any]) -> Readiness:
     a = spec.get("annotations") or {}
-    ready_file = a.get(ann.READY_FILE) or container_env(spec).get("DYN_CHECKPOINT_READY_FILE")
+    ready_file = a.get(ann.READY_FILE) or Spec(spec).env.get("DYN_CHECKPOINT_READY_FILE")
     http_port, http_path = None, "/"
     if ann.READY_HTTP in a:
         port, _, path = a[ann.READY_HTTP].strip().lstrip(":").partition("/")
@@ -53,7 +54,7 @@ def from_spec(spec: dict[str, Any]) -> Readiness:
         if any(c in http_path for c in "\r\n ") or len(http_path) > 1024:
             raise ann.AnnotationError(f"{ann.READY_HTTP}: the path must be one URL path without spaces")
     elif not ready_file:
-        ready_file = DEFAULT_READY_FILE  # no signal named: the seed's default file
+        ready_file = DEFAULT_READY_FILE  # no signal named: Dynamo's default file
     if ready_file is not None and not PurePosixPath(ready_file).is_absolute():
         raise ann.AnnotationError(f"{ann.READY_FILE}: {ready_file[:80]!r} must be an absolute path in the container")
     delay = _seconds(ann.READY_DELAY, a[ann.READY_DELAY], 3600) if ann.READY_DELAY in a else 0.0

@@ -1,6 +1,6 @@
 """The checkpoint store: layout, atomic publish, per-id locks, sealing and verification.
 
-Layout (compatible with the seed's):
+Layout (one dir per namespace, each compatible with Dynamo's store):
     <root>/<id>/checkpoint.done   JSON marker, written last, then the dir is renamed into place
                 metadata.json     schema-checked; carries a SHA-256 manifest of every other file
                 dump.log rootfs-diff.tar deleted.files descriptors.json *.img
@@ -34,6 +34,7 @@ from typing import Any, Iterator
 from .ids import validate_id
 from .config import Settings
 from .trust import K8S_NAMESPACE_RE, LOCAL_SCOPE
+from .dynamo_protocol import marker_body
 from .fileutil import fsync_path, sha256_file, write_json_atomic  # noqa: F401 - re-exported
 from .signing import SignatureError, TrustPolicy, sign
 
@@ -440,7 +441,7 @@ def locate(settings: Settings, scope: str, cid: str) -> Store | None:
 
 
 def _marker(path: Path) -> dict[str, Any]:
-    """checkpoint.done's JSON, trusted only when it says success: true (the seed's reader did not check)."""
+    """checkpoint.done's JSON, trusted only when it says success: true (Dynamo's reader did not check)."""
     raw = _read_control(path / MARKER, 64 * 1024)
     try:
         body = json.loads(raw) if raw.strip() else {}
@@ -503,12 +504,6 @@ def _check_entries(path: Path, metadata: dict[str, Any]) -> None:
         _check_owned_file(path / name, st)
         if st.st_size != want["size"]:
             raise CheckpointError(f"{name}: size {st.st_size} differs from manifest {want['size']}")
-
-
-def marker_body(cid: str, path: Path, success: bool, error: str | None) -> dict[str, Any]:
-    """The seed's signal/marker JSON; readers trust only success: true."""
-    return {"checkpoint_id": cid, "checkpoint_path": str(path), "timestamp": time.time(),
-            "success": success, "error": error}
 
 
 def _check_owned_dir(path: Path, what: str) -> None:

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import config, procfs, readiness, runc, seed
+from . import config, procfs, readiness, runc, dynamo_protocol
 from .log import Logger
 from .state import StateDir
 from .store import Store, locate
@@ -139,7 +139,7 @@ class Supervisor:
             if not res.skipped:
                 self.store.record_dump_failure(st.checkpoint_id, res.reason)
             log.warning(f"on-ready: not checkpointed: {res.reason}")
-        seed.notify_checkpoint(self.pid, self.spec, st.checkpoint_id,
+        dynamo_protocol.notify_checkpoint(self.pid, self.spec, st.checkpoint_id,
                                res.path or self.store.path(st.checkpoint_id), res.ok, None if res.ok else res.reason,
                                log=log)
 

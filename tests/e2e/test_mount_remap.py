@@ -126,7 +126,7 @@ def test_missing_volume_means_cold_start_with_reason(dnode):
 def _strip_hook_dirs_from_diff(node: shim.Node, cid: str) -> None:
     """The checkpoint's rootfs diff without the hook's (empty) mountpoint dir, resealed.
 
-    That is the situation design.md §6 measured (a rootfs that does not carry
+    That is the situation this test reproduces (a rootfs that does not carry
     the old path: a diff from elsewhere, a restore-only image): CRIU failed with
     `Can't stat mountpoint …/run/nvidia-ctk-hook<old-uuid>` until it existed.
     """

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from warmstart import rootfs as R
-from warmstart import seed
+from warmstart import dynamo_protocol as seed
 from warmstart.rootfs import Journal, RootfsError
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot, mknod, setuid, mounts)")

@@ -1,4 +1,4 @@
-"""The seed's (Dynamo's) checkpoint protocol, so existing workers work unchanged.
+"""Dynamo's checkpoint protocol (its env vars and marker files), so existing workers work unchanged.
 
 Container env the worker may set: DYN_CHECKPOINT_HASH (the id), DYN_CHECKPOINT_PATH
 (the store root as seen in the container; only reported back), DYN_CHECKPOINT_READY_FILE
@@ -20,19 +20,12 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from . import nsrun, rootfs
+from .spec import Spec
 
 if TYPE_CHECKING:
     from .log import Logger
 
 T = TypeVar("T")
-
-
-def container_env(spec: dict[str, Any]) -> dict[str, str]:
-    out = {}
-    for e in (spec.get("process") or {}).get("env") or []:
-        k, _, v = str(e).partition("=")
-        out[k] = v
-    return out
 
 
 WRITE_TIMEOUT_S = 5.0  # a write into the container is a few syscalls; past this the child is killed
@@ -133,9 +126,9 @@ def write_in_container(pid: int, path: str, data: bytes) -> None:
         raise WriteRefused(err or f"exit status {code}")
 
 
-def signal_body(cid: str, checkpoint_path: str, success: bool, error: str | None) -> dict[str, Any]:
-    """The seed's signal/marker JSON."""
-    return {"checkpoint_id": cid, "checkpoint_path": checkpoint_path, "timestamp": time.time(),
+def marker_body(cid: str, checkpoint_path: str | Path, success: bool, error: str | None) -> dict[str, Any]:
+    """Dynamo's signal/marker JSON (also the store's checkpoint.done); readers trust only success: true."""
+    return {"checkpoint_id": cid, "checkpoint_path": str(checkpoint_path), "timestamp": time.time(),
             "success": success, "error": error}
 
 
@@ -153,17 +146,17 @@ def _put(pid: int, target: str, body: dict[str, Any], what: str, log: Logger | N
 def notify_checkpoint(pid: int | None, spec: dict[str, Any], cid: str, host_path: Path, success: bool,
                       error: str | None, log: Logger | None = None) -> str | None:
     """Write DYN_CHECKPOINT_SIGNAL_FILE into the container if it asked; returns the path written."""
-    env = container_env(spec)
+    env = Spec(spec).env
     target = env.get("DYN_CHECKPOINT_SIGNAL_FILE")
     if not target or not pid:
         return None
     seen = f"{env['DYN_CHECKPOINT_PATH'].rstrip('/')}/{cid}" if env.get("DYN_CHECKPOINT_PATH") else str(host_path)
-    return _put(pid, target, signal_body(cid, seen, success, error), "DYN_CHECKPOINT_SIGNAL_FILE", log)
+    return _put(pid, target, marker_body(cid, seen, success, error), "DYN_CHECKPOINT_SIGNAL_FILE", log)
 
 
 def mark_restored(pid: int | None, spec: dict[str, Any], cid: str, log: Logger | None = None) -> str | None:
     """Write DYN_RESTORE_MARKER_FILE into a restored container so the process knows."""
-    target = container_env(spec).get("DYN_RESTORE_MARKER_FILE")
+    target = Spec(spec).env.get("DYN_RESTORE_MARKER_FILE")
     if not target or not pid:
         return None
     body = {"checkpoint_id": cid, "restored_at": time.time(), "success": True}
