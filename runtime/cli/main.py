@@ -8,7 +8,7 @@ import sys
 # subcommand -> (module under warmstart.cli, one-line help)
 COMMANDS = {
     "list": ("store_cmds", "list checkpoints and their state"),
-    "inspect": ("store_cmds", "show a checkpoint's metadata"),
+    "inspect": ("store_cmds", "show a checkpoint's metadata and the privileges its images hold"),
     "verify": ("store_cmds", "fully verify a checkpoint (hashes, schema) and seal it"),
     "remove": ("store_cmds", "remove a checkpoint"),
     "gc": ("store_cmds", "reap abandoned temp dirs and incomplete checkpoints"),

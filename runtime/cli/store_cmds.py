@@ -8,6 +8,7 @@ import sys
 from .. import config, identity
 from ..ids import validate_id
 from ..store import CheckpointError, Store
+from .. import trust
 from ..trust import LOCAL_SCOPE
 
 
@@ -81,6 +82,10 @@ def run_inspect(args: argparse.Namespace) -> int:
         print(f"warmstart inspect: no checkpoint {args.id} in {store.root}", file=sys.stderr)
         return 1
     meta["quarantine"] = store.quarantine_state(args.id)
+    try:  # what the images would restore: the privileges a restore checks against the new spec
+        meta["privileges"] = trust.summary(trust.read_tasks(path))
+    except Exception as e:  # noqa: BLE001 - inspect shows what it can
+        meta["privileges"] = {"error": f"cannot read the task images: {type(e).__name__}: {e}"}
     print(json.dumps(meta, indent=1, sort_keys=True))
     return 0
 

@@ -39,6 +39,8 @@ def test_remove_of_a_used_checkpoint_leaves_no_seal_cache_or_lock(node: RNode):
     c.stop()
     c.delete()
     assert any(p.endswith(".security.json") for p in leftovers(node, "used"))
+    shown = json.loads(node.warmstart("inspect", "used", check=True).stdout)["privileges"]
+    assert shown["uids"] == [0] and "CAP_KILL" in shown["capabilities"] and shown["no_new_privs"], shown
     assert node.warmstart("remove", "used").returncode == 0
     assert not leftovers(node, "used"), leftovers(node, "used")
     assert node.warmstart("gc", "--min-age", "0").returncode == 0
