@@ -99,7 +99,7 @@ def subcommand(cmdline: bytes) -> str | None:
 
 def poststop(state: object, given: Path | None, caller: bytes) -> str:
     """Release the container's state unless warmstart still uses it (caller: the cmdline of the
-    process that ran the hook); says what it did.  Imports beyond the stdlib only to release."""
+    process that ran the hook); says what it did.  Imports more than the launcher only to release."""
     path = state_dir_of(state, given)
     if path is None:
         return "absent"
