@@ -16,7 +16,6 @@ from warmstart import intercept, procfs
 from warmstart.hooks import main as hook
 from warmstart.state import StateDir
 
-from conftest import is_root
 
 RUNC_DELETE = b"runc\0--root\0/run/containerd/runc/k8s.io\0--log\0/x/log.json\0delete\0--force\0c1\0"
 
@@ -163,7 +162,7 @@ def test_poststop_refuses_a_symlinked_containers_dir(node, monkeypatch, tmp_path
     assert "not a plain directory" in logged(tmp_path)[-1]
 
 
-@pytest.mark.skipif(not is_root(), reason="needs root to mount")
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount")
 def test_poststop_never_removes_through_a_mount(node, monkeypatch, tmp_path, mounts):
     sd = make(node)
     inside = mounts("-t", "tmpfs", "tmpfs", target=sd.work / "restore" / "yard")
@@ -240,13 +239,15 @@ def test_the_busy_lock_is_held_until_exec(tmp_path):
     p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(pkg)], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
     try:
-        assert p.stdout.readline() == "held\n" and hook.busy(sd.path)
+        assert p.stdout.readline() == "held\n"
+        assert hook.busy(sd.path), "held by a live process"
         p.stdin.write("go\n")
         p.stdin.flush()
-        deadline = time.monotonic() + 10
-        while os.path.basename(os.readlink(f"/proc/{p.pid}/exe")) != "sleep" and time.monotonic() < deadline:
+        deadline = time.monotonic() + 30  # /proc/PID/exe changes a moment before exec closes the fds
+        while os.path.basename(os.readlink(f"/proc/{p.pid}/exe")) != "sleep" or hook.busy(sd.path):
+            assert time.monotonic() < deadline, "not released at exec"
             time.sleep(0.02)
-        assert p.poll() is None and not hook.busy(sd.path)
+        assert p.poll() is None, "released by the exec, not by an exit"
     finally:
         p.kill()
         p.wait()
