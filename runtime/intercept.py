@@ -6,6 +6,7 @@ lands in the fallback: a warmstart bug must never cost the user a container.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -14,6 +15,7 @@ from typing import Any, NoReturn
 
 from . import annotations, config, image_id, readiness, rootfs, runc, dynamo_protocol, supervisor, trust
 from .fileutil import write_json_atomic
+from .hooks import main as poststop_hook
 from .log import Logger
 from .spec import Spec
 from .state import ContainerState, StateDir
@@ -46,23 +48,36 @@ def main(argv: list[str], sub_i: int) -> int:
 
 # -- create -------------------------------------------------------------------
 
-def _inject(spec: dict[str, Any], sd: StateDir, hooks: bool) -> dict[str, Any]:
-    """Our additions to the bundle's config.json: the CRIU config path runc reads, and lifecycle hooks.
+def _is_warmstart_hook(hook: Any, script: str) -> bool:
+    """A spec hook that is warmstart's own: the `warmstart-hook` script (as a hooks.d file names it) or
+    hooks/main.py (ours, or another install's)."""
+    if not isinstance(hook, dict):
+        return False
+    args = hook.get("args") if isinstance(hook.get("args"), list) else []
+    return any(a == script or Path(a).name == "warmstart-hook" or a.endswith("/warmstart/hooks/main.py")
+               for a in map(str, [hook.get("path", ""), *args[:3]]))
 
-    The hooks run as `python -IS hooks/main.py` (stdlib only, ~10 ms) rather than through the
-    console script, which imports site and costs tens of ms on every create.  A restore gets
-    none: runc would run createRuntime inside it, 20-30 ms on the restore's critical path, to
-    record a runtime's creation that did not happen (CRIU brought the mounts back).
+
+def _inject(spec: dict[str, Any], sd: StateDir) -> dict[str, Any]:
+    """Our additions to the bundle's config.json: the CRIU config path runc reads, and the poststop hook.
+
+    The hook (hooks/main.py) releases the container's state whenever runc destroys it, so that
+    state also goes when runc's delete comes without ours.  It runs as `python -IS hooks/main.py`
+    rather than through the console script, which imports site (`warmstart bench` times it).  Not
+    added when an engine's hooks.d put warmstart's poststop hook into the spec already: one run
+    per delete.  No createRuntime hook: a restore learns the dumped mounts from CRIU's images and
+    the new ones from the spec, and runc would run it inside every restore.
     """
     spec = dict(spec)
     spec["annotations"] = dict(spec.get("annotations") or {}, **{"org.criu.config": str(sd.criu_conf)})
-    hook_main = Path(__file__).resolve().parent / "hooks" / "main.py"
-    if hooks and hook_main.exists():
-        stages = {k: list(v) for k, v in (spec.get("hooks") or {}).items()}
-        for stage in ("createRuntime", "poststop"):
-            stages.setdefault(stage, []).append(
-                {"path": sys.executable, "args": [sys.executable, "-IS", str(hook_main), stage,
-                                                  "--state-dir", str(sd.path)], "timeout": 10})
+    stages = {k: list(v) for k, v in (spec.get("hooks") or {}).items()}
+    script = str(Path(poststop_hook.__file__).resolve())
+    if not any(_is_warmstart_hook(h, script) for h in stages.get("poststop", [])):
+        hook: dict[str, Any] = {"path": sys.executable, "timeout": 10,
+                                "args": [sys.executable, "-IS", script, "poststop", "--state-dir", str(sd.path)]}
+        if os.environ.get("WARMSTART_CONFIG"):  # runc gives a hook only the env its spec names
+            hook["env"] = [f"WARMSTART_CONFIG={os.environ['WARMSTART_CONFIG']}"]
+        stages.setdefault("poststop", []).append(hook)
         spec["hooks"] = stages
     return spec
 
@@ -85,6 +100,7 @@ def create(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest:
     log.context["scope"] = scope
     sd = StateDir(settings.state_dir, c.id)
     sd.create()
+    sd.hold_busy()  # until we return or exec runc: a failed restore's cleanup runs the poststop hook
     rootfs_dir = rootfs.rootfs_path(c.bundle, spec)
     st = ContainerState(container_id=c.id, checkpoint_id=policy.checkpoint_id, mode=policy.mode.value,
                         bundle=str(c.bundle), rootfs=str(rootfs_dir), runc_root=g.root,
@@ -93,7 +109,7 @@ def create(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest:
                         image_fingerprint=image_id.fingerprint(rootfs_dir, settings.state_dir))
     store = locate(settings, scope, policy.checkpoint_id)
     restoring = not st.share_pid_ns and store is not None
-    write_json_atomic(cfg, _inject(spec, sd, hooks=not restoring), mode=0o644)
+    write_json_atomic(cfg, _inject(spec, sd), mode=0o644)
     if rootfs.overlay_upperdir(rootfs_dir) is None:
         rootfs.take_baseline(rootfs_dir, sd.baseline)  # before any restore diff: later dumps carry it
     sd.save(st)
@@ -111,7 +127,6 @@ def create(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest:
             dynamo_protocol.mark_restored(res.pid, spec, policy.checkpoint_id, log)
             return 0
         log.warning(f"cold start: {res.reason}", phases=res.phases)
-        write_json_atomic(cfg, _inject(spec, sd, hooks=True), mode=0o644)  # a cold create gets its hooks
     else:
         log.info(f"cold start: no checkpoint {policy.checkpoint_id} in the store yet",
                  will_dump=policy.mode in (annotations.Mode.ON_STOP, annotations.Mode.ON_READY))
@@ -175,6 +190,8 @@ def delete(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest:
     pos = runc.positional(rest)
     if pos:
         supervisor.stop(StateDir(settings.state_dir, pos[0]))
+        with contextlib.suppress(FileNotFoundError):  # the poststop hook runc runs below leaves the dir to us
+            StateDir(settings.state_dir, pos[0]).hold_busy()
     p = runc.run(settings.runc, argv, capture=False)
     if pos and (p.returncode == 0 or runc.state(settings.runc, g, pos[0]) is None):
         StateDir(settings.state_dir, pos[0]).remove()  # gone from runc: nothing of ours may outlive it

@@ -3,11 +3,13 @@
 Its existence is what the pass-through launcher stats to know a container is
 ours; it holds the policy decided at create, the CRIU config file runc reads
 through `org.criu.config`, the plain-dir baseline and restore work dirs.
-Removed at delete (and by the poststop hook), so nothing outlives the container.
+Removed at delete and by the poststop hook (hooks/main.py), so nothing outlives the container.
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,6 +61,29 @@ class StateDir:
     @property
     def work(self) -> Path:
         return self.path / "work"
+
+    @property
+    def supervisor_pid(self) -> Path:
+        """The on-ready supervisor's pid (supervisor.py); the poststop hook stops it."""
+        return self.path / "supervisor.pid"
+
+    @property
+    def busy_lock(self) -> Path:
+        """flock(2)ed while warmstart-runtime works on this dir and will release it itself: by `create`
+        (a restore and its undo journal) and `delete`.
+
+        runc runs poststop hooks inside a failed restore's cleanup too (its own, and the
+        `runc delete --force` of runc.discard_failed_restore) and inside every `runc
+        delete`: the hook (hooks/main.py, which checks this name before importing
+        anything) leaves the dir alone then.
+        """
+        return self.path / "busy.lock"
+
+    def hold_busy(self) -> int:
+        """Take busy_lock until this process exits or execs runc (the fd is close-on-exec); returns the fd."""
+        fd = os.open(self.busy_lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
 
     def create(self) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

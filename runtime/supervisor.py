@@ -22,7 +22,6 @@ from .log import Logger
 from .state import StateDir
 from .store import Store, locate
 
-PID_FILE = "supervisor.pid"
 POLL_S = 0.25
 
 
@@ -46,9 +45,9 @@ def spawn(sd: StateDir) -> None:
 
 
 def stop(sd: StateDir) -> None:
-    """Stop a container's supervisor (at delete), if it still runs and is ours."""
+    """Stop a container's supervisor (at delete and in the poststop hook), if it still runs and is ours."""
     try:
-        pid = int((sd.path / PID_FILE).read_text())
+        pid = int(sd.supervisor_pid.read_text())
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return
@@ -78,7 +77,7 @@ class Supervisor:
         self.pid: int | None = None
 
     def run(self) -> int:
-        (self.sd.path / PID_FILE).write_text(str(os.getpid()))
+        self.sd.supervisor_pid.write_text(str(os.getpid()))
         try:
             if self.wait_until_ready():
                 self.checkpoint()

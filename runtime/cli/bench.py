@@ -17,8 +17,9 @@ For each state size (non-zero, non-repeating memory of the reference worker):
 The restore variants and floors of one repetition run back to back with a
 fixed pause between each; repetitions repeat the whole round (A/B/C interleaved,
 same machine state).  A last section times warmstart-runtime against bare runc
-per call (state, list, create, start, kill, delete of a plain container).
-Everything started is removed at the end.
+per call (state, list, create, start, kill, delete of a plain container), and
+another times the OCI hook warmstart-runtime injects into an opted-in container
+(per create and per delete).  Everything started is removed at the end.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from typing import Any, Callable
 from ..config import INSTALLED_RUNTIME
 from ..criu import PARALLEL_READS_ENV, has_parallel_reads
 from ..runc import wait_exit
+from ..state import StateDir
 from .preflight import ready_to_run
 
 RUNTIME = INSTALLED_RUNTIME
@@ -57,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=1, help="worker hash-chain rounds: the cold-start CPU work (default 1)")
     p.add_argument("--pause", type=float, default=2.0, help="fixed pause between measurements, seconds (default 2)")
     p.add_argument("--passthrough-reps", type=int, default=20, help="pass-through rounds (default 20; 0 skips)")
+    p.add_argument("--hook-reps", type=int, default=20,
+                   help="runs of the injected OCI hook, timed alone (default 20; 0 skips)")
     p.add_argument("--only", default="",
                    help="comma-separated subset of: warmstart,serial,lazy,runc,podman,podman-import,floors")
     p.add_argument("--no-podman", action="store_true", help="skip podman even if it is installed")
@@ -626,6 +630,73 @@ def bench_passthrough(node: Node, reps: int, pause: float) -> dict[str, dict[str
     return out
 
 
+def bench_hook(node: Node, reps: int) -> dict[str, Any]:
+    """The OCI hooks warmstart-runtime injects, timed as runc runs them: the exact command and env from a
+    real opted-in create's config.json, the OCI state on stdin, `reps` times each.
+
+    poststop runs once per delete of an opted-in container, inside `runc delete`: timed as it runs
+    within warmstart-runtime's own delete (the state dir present, its busy lock held: the hook leaves
+    the dir to the runtime) and as it runs when runc deletes the container without warmstart-runtime
+    (it releases the state: a copy of the real state dir is put back before each run).  The
+    interpreter's start-up alone is the floor of any Python hook.  Per create: the hooks of the
+    createRuntime, prestart and createContainer stages, none today.
+    """
+    b = node.new("hook", ["/bin/sleep", "1000"], {"warmstart.dev/checkpoint": "restore-only",
+                                                    "warmstart.dev/id": f"hook-{secrets.token_hex(4)}"})
+    try:
+        rc = node.spawn(node.runtime, b, "create", "--bundle", str(b.bundle), "--pid-file", str(b.bundle / "init.pid"),
+                        b.id)
+        if rc != 0:
+            raise RuntimeError(f"create {b.id} failed ({rc}): {_tail(b.bundle / 'log.json')}")
+        hooks = json.loads((b.bundle / "config.json").read_text()).get("hooks") or {}
+        state_dir = node.base / "state" / "containers" / b.id
+        template = node.base / "hook-state-template"
+        shutil.copytree(state_dir, template, symlinks=True)
+    finally:
+        node.destroy(b)
+    ours = [h for h in hooks.get("poststop", []) if "warmstart" in json.dumps(h)]
+    per_create = [h for stage in ("createRuntime", "prestart", "createContainer") for h in hooks.get(stage, [])
+                  if "warmstart" in json.dumps(h)]
+    out: dict[str, Any] = {"per_create_hooks": len(per_create), "per_delete_hooks": len(ours)}
+    state = json.dumps({"ociVersion": "1.0.2", "id": b.id, "status": "stopped", "bundle": str(b.bundle)})
+
+    def timed(hook: dict[str, Any], argv: list[str] | None = None, before: Callable[[], None] | None = None
+              ) -> dict[str, Any]:
+        env = dict(e.split("=", 1) for e in hook.get("env") or [])
+        ms = []
+        for _ in range(reps):
+            if before:
+                before()
+            t = time.perf_counter()
+            subprocess.run(argv or hook["args"], executable=hook["path"], input=state, text=True, env=env,
+                           capture_output=True, timeout=hook.get("timeout", 10))
+            ms.append((time.perf_counter() - t) * 1e3)
+        return summary(ms)
+
+    def put_back() -> None:
+        shutil.rmtree(state_dir, ignore_errors=True)
+        shutil.copytree(template, state_dir, symlinks=True)
+
+    try:
+        if per_create:
+            out["per_create_ms"] = timed(per_create[0])
+        if ours:
+            put_back()
+            fd = StateDir(state_dir.parent.parent, b.id).hold_busy()  # as warmstart-runtime's delete does
+            try:
+                out["poststop_ms"] = timed(ours[0])
+            finally:
+                os.close(fd)
+            out["poststop_releasing_ms"] = timed(ours[0], before=put_back)
+            out["poststop_released_the_state_dir"] = not state_dir.exists()
+            out["python_startup_ms"] = timed(ours[0], [ours[0]["args"][0], "-IS", "-c", "pass"])
+            out["command"] = ours[0]["args"]
+    finally:
+        shutil.rmtree(template, ignore_errors=True)
+        shutil.rmtree(state_dir, ignore_errors=True)
+    return out
+
+
 def machine(criu: str) -> dict[str, Any]:
     def read(p: str) -> str:
         try:
@@ -719,6 +790,19 @@ def table(results: dict[str, Any]) -> str:
             lines.append(f"| {call} | {d['runc_ms']['median']:.1f} | {d['warmstart_ms']['median']:.1f} | "
                          f"{d['overhead_ms']['median']:+.1f} [{d['overhead_ms']['min']:+.1f}…"
                          f"{d['overhead_ms']['max']:+.1f}] |")
+    hk = results.get("hook_ms")
+    if hk and "error" not in hk:
+        lines += ["", "| injected OCI hook | hooks | ms, median [min–max] |", "|---|---|---|"]
+        for label, n, key in (("per create (createRuntime, prestart, createContainer)", hk["per_create_hooks"],
+                               "per_create_ms"),
+                              ("per delete: poststop in warmstart-runtime's delete", hk["per_delete_hooks"],
+                               "poststop_ms"),
+                              ("  poststop when runc deletes without it (releases the state)", "",
+                               "poststop_releasing_ms"),
+                              ("  the interpreter's start-up alone", "", "python_startup_ms")):
+            d = hk.get(key) or {}
+            cost = f"{d['median']:.1f} [{d['min']:.1f}–{d['max']:.1f}] n={d['n']}" if d.get("n") else "0"
+            lines.append(f"| {label} | {n} | {cost} |")
     return "\n".join(lines)
 
 
@@ -806,6 +890,13 @@ def run(args: argparse.Namespace) -> int:
                              "overhead_ms": summary([(y - x) * 1e3 for x, y in zip(a, w)])}
             allov = [v for d in per.values() for v in d["overhead_ms"]["samples"]]
             results["passthrough_overhead_ms"] = {**summary(allov), "per_call": per}
+        if args.hook_reps:
+            say(f"== injected OCI hooks: {args.hook_reps} runs each ==")
+            try:
+                results["hook_ms"] = bench_hook(node, args.hook_reps)
+            except Exception as e:  # noqa: BLE001 - the rest of the run still stands
+                say(f"hook timing failed: {e}")
+                results["hook_ms"] = {"error": str(e)[:300]}
         # top-level keys of the largest size, for a quick look
         if results["sizes"]:
             last = results["sizes"][str(sizes[-1])]

@@ -21,7 +21,7 @@ pytestmark = [
 ]
 KEYS = ["cold_start_s", "restore_s", "speedup", "restore_vs_fill_floor", "restore_vs_runc_restore",
         "restore_vs_podman", "dump_vs_write_floor", "passthrough_overhead_ms", "time_to_first_response_s",
-        "checkpoint_bytes"]
+        "checkpoint_bytes", "hook_ms", "poststop_ms", "python_startup_ms"]
 # per size, each with real samples: every restore variant and floor ran
 SIZE_KEYS = ["restore_s", "restore_serial_reads_s", "runc_restore_s", "time_to_first_response_s",
              "fill_floor_s", "fill_floor_all_cores_s", "read_cached_s", "read_cold_s", "write_floor_s"]
@@ -30,7 +30,7 @@ SIZE_KEYS = ["restore_s", "restore_serial_reads_s", "runc_restore_s", "time_to_f
 def test_bench_json_has_every_comparison(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     p = subprocess.run(["warmstart", "bench", "--sizes", "64", "--reps", "1", "--cold-reps", "1",
-                        "--passthrough-reps", "2", "--pause", "0.2", "--workdir", str(tmp_path),
+                        "--passthrough-reps", "2", "--hook-reps", "3", "--pause", "0.2", "--workdir", str(tmp_path),
                         "--json", str(out), "--plot", str(png)],
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
