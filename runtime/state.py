@@ -10,7 +10,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -99,4 +98,12 @@ class StateDir:
         write_json_atomic(self.path / "state.json", asdict(st))
 
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        """Detach what a killed restore may have left mounted inside (CRIU's cgroup yard), then remove the
+        dir without ever crossing a mount (procfs.remove_tree); a dir that cannot go is left, not forced."""
+        from . import procfs  # noqa: PLC0415 - ctypes: only on delete
+
+        procfs.umount_under(self.path)
+        try:
+            procfs.remove_tree(self.path)
+        except OSError:
+            pass
