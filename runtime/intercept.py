@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import annotations, config, image_id, readiness, rootfs, runc, dynamo_protocol, supervisor, trust
+from . import annotations, config, dynamo_protocol, image_id, rootfs, runc, trust
 from .fileutil import write_json_atomic
 from .hooks import main as poststop_hook
 from .log import Logger
@@ -132,6 +132,7 @@ def create(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest:
                  will_dump=policy.mode in (annotations.Mode.ON_STOP, annotations.Mode.ON_READY))
     if policy.mode is annotations.Mode.ON_READY and locate(settings, scope, policy.checkpoint_id) is None:
         try:
+            from . import readiness, supervisor  # noqa: PLC0415 - on-ready only: ~20 ms a restore need not pay
             readiness.from_spec(spec)  # a bad ready-* annotation: say so now, not in the supervisor
             supervisor.spawn(sd)
         except annotations.AnnotationError as e:
@@ -189,6 +190,7 @@ def kill(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest: l
 def delete(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest: list[str], log: Logger) -> int:
     pos = runc.positional(rest)
     if pos:
+        from . import supervisor  # noqa: PLC0415 - not on create's path
         supervisor.stop(StateDir(settings.state_dir, pos[0]))
         with contextlib.suppress(FileNotFoundError):  # the poststop hook runc runs below leaves the dir to us
             StateDir(settings.state_dir, pos[0]).hold_busy()
