@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -13,6 +12,8 @@ if TYPE_CHECKING:
 
 @lru_cache(maxsize=1)
 def schema() -> dict[str, Any]:
+    from importlib import resources  # noqa: PLC0415 - only where metadata is validated
+
     return json.loads(resources.files("warmstart").joinpath("schemas/metadata.schema.json").read_text())
 
 

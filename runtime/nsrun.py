@@ -8,7 +8,6 @@ error.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import select
 import signal
@@ -31,6 +30,8 @@ def run(fn: Callable[[], bytes], *, setns: tuple[tuple[str, int], ...] = (), chr
         then: Callable[[], None] | None = None, timeout_s: float = 5.0) -> Outcome:
     """In a child: join each (namespace file, CLONE_* flag), chroot, call `then` (e.g. drop to the
     container's credentials), and return what fn() returns (bytes, at most MAX_RESULT)."""
+    import ctypes  # noqa: PLC0415 - in the parent, so the child has it before any chroot
+
     r, w = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the child

@@ -5,7 +5,6 @@ Everything here reads the host's procfs as root: values that a container control
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import stat
@@ -102,6 +101,8 @@ def mounts_under(path: Path | str) -> list[str]:
 
 def umount_under(path: Path | str) -> list[str]:
     """Detach every mount at or below `path`, deepest first; returns those that stay mounted."""
+    import ctypes  # noqa: PLC0415 - only a cleanup unmounts
+
     libc = ctypes.CDLL(None, use_errno=True)
     for mp in mounts_under(path):
         libc.umount2(mp.encode(), MNT_DETACH)
