@@ -14,6 +14,9 @@ from pathlib import Path
 DEFAULT_CONFIG = Path("/etc/warmstart/config.toml")
 # Where install.sh puts the launcher: the handler's BinaryName, and what demo/bench/doctor run.
 INSTALLED_RUNTIME = Path("/usr/local/bin/warmstart-runtime")
+# The PATH the runtime gives itself, runc and CRIU when its caller gives none (podman's `kill` does
+# not): CRIU's network lock runs iptables-restore by name, and Debian keeps it in /usr/sbin.
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 class ConfigError(ValueError):

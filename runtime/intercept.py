@@ -29,6 +29,8 @@ def exec_runc(settings_runc: Path | str, argv: list[str]) -> NoReturn:
 
 
 def main(argv: list[str], sub_i: int) -> int:
+    if not os.environ.get("PATH"):  # podman runs `kill` without one; runc and CRIU inherit ours
+        os.environ["PATH"] = config.DEFAULT_PATH
     g = runc.GlobalOpts.parse(argv[:sub_i])
     sub, rest = argv[sub_i], argv[sub_i + 1:]
     runc_path: Path | str = "/usr/sbin/runc"

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from ..config import INSTALLED_RUNTIME
+from ..config import DEFAULT_PATH, INSTALLED_RUNTIME
 from .client import CriClient, CriError
 from .images import PAUSE_REF as PAUSE_IMAGE  # the sandbox image the harness builds
 
@@ -44,9 +44,6 @@ DEFAULT_WARMSTART_BINARY = INSTALLED_RUNTIME
 DEFAULT_RUNC_BINARY = Path("/usr/sbin/runc")
 CNI_BIN_DIR = Path("/usr/lib/cni")
 K8S_NAMESPACE = "k8s.io"
-# A clean PATH for containerd, its shims and runtimes: kubelet nodes run
-# containerd from systemd, not from a developer's shell (pyenv shims, venvs).
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 MARKER = "instance.json"
 
@@ -162,6 +159,8 @@ class Containerd:
             (self.cni_conf_dir / "10-warmstart.conflist").write_text(json.dumps(self.cni_config(), indent=2))
             self._write_marker()  # before the first host change, so reap() can find it
             self._create_bridge()
+            # A clean PATH for containerd, its shims and runtimes: kubelet nodes run
+            # containerd from systemd, not from a developer's shell (pyenv shims, venvs).
             env = {"PATH": DEFAULT_PATH, "HOME": "/root", **self.extra_env}
             self._log_file = open(self.log_path, "ab")
             t0 = time.monotonic()

@@ -162,11 +162,14 @@ class Container:
     create_rc: int | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
 
+    def argv(self, *args: str) -> list[str]:
+        """The runtime's argv for one call, with the global flags the shim gives every call."""
+        return [RUNTIME, "--root", str(self.root), "--log", str(self.bundle / "log.json"), "--log-format", "json",
+                *args]
+
     def runtime(self, *args: str, check: bool = True, timeout: float = 120,
                 **kw) -> subprocess.CompletedProcess:
-        argv = [RUNTIME, "--root", str(self.root), "--log", str(self.bundle / "log.json"),
-                "--log-format", "json", *args]
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+        p = subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout,
                            env={**os.environ, **self.extra_env}, **kw)
         if check and p.returncode != 0:
             raise AssertionError(f"{' '.join(args)} failed ({p.returncode}): {p.stderr}\nlog: {self.log_text()}")
