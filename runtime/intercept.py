@@ -22,6 +22,8 @@ from .state import ContainerState, StateDir
 from .store import Store, locate
 
 TERM_SIGNALS = {"15", "TERM", "SIGTERM"}
+# How long past dump_timeout_s (CRIU's own bound) `delete` waits for a dump: runc's grace, the rootfs diff, publish.
+DUMP_PUBLISH_S = 120
 
 
 def exec_runc(settings_runc: Path | str, argv: list[str]) -> NoReturn:
@@ -171,10 +173,12 @@ def kill(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest: l
         log.info("not checkpointed: the container shares the pod's PID namespace")
         exec_runc(settings.runc, argv)
     from .dump import dump  # noqa: PLC0415
+    sd.hold()  # until this process (or the runc it execs) exits: a concurrent `delete` waits for the dump
     res = dump(settings, g, st, sd, log)
     if res.ok:
         st.dumped = True
-        sd.save(st)
+        if not sd.save(st, missing_ok=True):
+            log.warning("the container's warmstart state was removed during the dump (delete gave up waiting)")
         log.info(f"checkpointed on stop into {res.path}", phases=res.phases)
         return 0  # CRIU stopped the container at the dump: the stop is complete
     if res.stopped:
@@ -190,12 +194,22 @@ def kill(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest: l
 
 
 def delete(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest: list[str], log: Logger) -> int:
+    """`runc delete`, after any on-stop dump of the container finished: clients delete as soon as the
+    task exits (podman's cleanup: `delete --force`, then the rootfs is unmounted, with --rm removed)."""
     pos = runc.positional(rest)
     if pos:
         from . import supervisor  # noqa: PLC0415 - not on create's path
-        supervisor.stop(StateDir(settings.state_dir, pos[0]))
+        log.context = {"container": pos[0]}
+        sd = StateDir(settings.state_dir, pos[0])
+        supervisor.stop(sd)
+        waited = sd.wait_unheld(settings.dump_timeout_s + DUMP_PUBLISH_S)
+        if waited is None:
+            log.warning(f"delete: the dump still holds the container after {settings.dump_timeout_s + DUMP_PUBLISH_S}s; "
+                        "deleting anyway (its checkpoint may be lost)")
+        elif waited >= 0.1:
+            log.info(f"delete waited {waited:.1f}s for the dump in progress to finish")
         with contextlib.suppress(FileNotFoundError):  # the poststop hook runc runs below leaves the dir to us
-            StateDir(settings.state_dir, pos[0]).hold_busy()
+            sd.hold_busy()
     p = runc.run(settings.runc, argv, capture=False)
     if pos and (p.returncode == 0 or runc.state(settings.runc, g, pos[0]) is None):
         StateDir(settings.state_dir, pos[0]).remove()  # gone from runc: nothing of ours may outlive it

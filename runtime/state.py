@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -84,6 +85,40 @@ class StateDir:
         fcntl.flock(fd, fcntl.LOCK_EX)
         return fd
 
+    @property
+    def dump_lock(self) -> Path:
+        """flock'ed by an on-stop dump until its stop signal is sent; `delete` waits on it (hold, wait_unheld)."""
+        return self.path / "dump.lock"
+
+    def hold(self) -> int:
+        """Take the container for a dump: returns the lock's fd, held until it is closed or its holder exits.
+
+        Not close-on-exec: the exec of `runc kill` that ends the stop inherits it, so a client's
+        `delete --force` (podman's cleanup) waits until the container got its signal, not only its checkpoint.
+        """
+        fd = os.open(self.dump_lock, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
+    def wait_unheld(self, timeout_s: float) -> float | None:
+        """Wait until no dump holds the container; the seconds waited, or None after timeout_s."""
+        try:
+            fd = os.open(self.dump_lock, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return 0.0
+        t0 = time.monotonic()
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    return time.monotonic() - t0
+                except BlockingIOError:
+                    if time.monotonic() - t0 >= timeout_s:
+                        return None
+                    time.sleep(0.05)
+        finally:
+            os.close(fd)
+
     def create(self) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path.mkdir(mode=0o700, exist_ok=True)
@@ -94,8 +129,16 @@ class StateDir:
     def load(self) -> ContainerState:
         return ContainerState(**json.loads((self.path / "state.json").read_text()))
 
-    def save(self, st: ContainerState) -> None:
-        write_json_atomic(self.path / "state.json", asdict(st))
+    def save(self, st: ContainerState, missing_ok: bool = False) -> bool:
+        """Write state.json; with missing_ok, a state dir already removed (the client deleted the
+        container meanwhile) is no error: returns False, and nothing is recreated."""
+        try:
+            write_json_atomic(self.path / "state.json", asdict(st))
+        except FileNotFoundError:
+            if missing_ok and not self.path.is_dir():
+                return False
+            raise
+        return True
 
     def remove(self) -> None:
         """Detach what a killed restore may have left mounted inside (CRIU's cgroup yard), then remove the

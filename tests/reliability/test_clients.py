@@ -7,7 +7,11 @@ failed restore.  tests/e2e/test_podman.py and test_ctr.py run the clients themse
 """
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
+import tarfile
+import time
 
 import pytest
 from reliability_lib import RNode, ann, start_ready
@@ -32,3 +36,38 @@ def test_kill_without_path_still_checkpoints(node: RNode):
     b.start()
     got = b.ask()
     assert (got["random"], got["counter"]) == (ready["random"], 2), "not restored from the PATH-less stop's checkpoint"
+
+
+def test_delete_force_during_the_dump_waits_for_it(node: RNode):
+    """podman's cleanup (conmon's exit command) runs `delete --force` while `kill` still captures and
+    publishes, then unmounts the rootfs, and with --rm removes its upper dir: the delete must wait for the
+    dump, and the checkpoint must hold the whole rootfs diff."""
+    node.overlay = True
+    c = node.ctr("held", ann("held"), size=64 << 20)
+    start_ready(c)
+    c.ask()
+    big = os.urandom(96 << 20)  # a rootfs diff that takes a while to capture and hash
+    (c.bundle / "rootfs" / "data" / "big.bin").write_bytes(big)
+    kill = subprocess.Popen(c.argv("kill", c.id, "15"), env={**os.environ, **node.env()},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not list((node.store / ".tmp").glob("*/pages-*.img")):
+        assert time.monotonic() < deadline and kill.poll() is None, "the dump never started writing pages"
+        time.sleep(0.005)
+    d = c.runtime("delete", "--force", c.id, check=False, timeout=300)
+    deleted_at = time.time()
+    # what podman's cleanup does once the runtime's delete returned (podman run --rm)
+    subprocess.run(["umount", str(c.bundle / "rootfs")], check=True)
+    shutil.rmtree(c.bundle / "upper")
+    out, _ = kill.communicate(timeout=300)
+    assert kill.returncode == 0, out
+    assert d.returncode == 0, d.stderr
+    msgs = node.log_msgs()
+    assert not [m for m in msgs if "internal error" in m], msgs
+    done = node.store / "held" / "checkpoint.done"
+    assert done.is_file(), msgs
+    assert done.stat().st_mtime <= deleted_at, "delete returned before the checkpoint was published"
+    assert any(m.startswith("delete waited") for m in msgs), msgs
+    assert node.warmstart("verify", "held").returncode == 0
+    with tarfile.open(node.store / "held" / "rootfs-diff.tar") as tar:
+        assert tar.extractfile("data/big.bin").read() == big
