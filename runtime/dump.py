@@ -80,7 +80,12 @@ def build_metadata(settings: Settings, st: ContainerState, spec: Spec, phases: d
 
 
 def dump(settings: Settings, g: runc.GlobalOpts, st: ContainerState, sd: StateDir, log: Logger,
-         leave_running: bool = False) -> DumpResult:
+         leave_running: bool = False, frozen: bool = False) -> DumpResult:
+    """Checkpoint the container into the store.  With `frozen`, it is paused (cgroup freezer) from
+    before CRIU until its rootfs diff is captured and the checkpoint published, dumped with
+    --leave-running and resumed: memory and rootfs are of one instant, and the process lives on to
+    get the client's stop signal as under runc (its own exit status, not CRIU's SIGKILL)."""
+    leave_running = leave_running or frozen
     store = Store(settings, st.scope)
     cid = st.checkpoint_id
     ph = Phases()
@@ -91,7 +96,7 @@ def dump(settings: Settings, g: runc.GlobalOpts, st: ContainerState, sd: StateDi
         if store.exists(cid):
             return DumpResult(False, f"checkpoint {cid} already exists; not dumping again", skipped=True)
         tmp = store.new_tmp(cid)
-        stopped = False
+        stopped = paused = False
         drv, cuda_s = None, None  # CUDA processes moved out of the GPU (undone unless the dump stopped them)
         work = sd.work / f"dump-{int(time.time() * 1000)}"
         try:
@@ -104,6 +109,12 @@ def dump(settings: Settings, g: runc.GlobalOpts, st: ContainerState, sd: StateDi
             if Spec(spec).has_gpu:
                 with ph("cuda_checkpoint"):
                     drv, cuda_s = cuda.checkpoint_container(settings.runc, g, st.container_id, spec)
+            if frozen:
+                with ph("pause"):
+                    p = runc.run(settings.runc, g.argv + ["pause", st.container_id], timeout=60)
+                if p.returncode != 0:
+                    return DumpResult(False, f"runc pause failed (exit {p.returncode}): {_last_error(p.stderr, None)}")
+                paused = True
             with ph("criu_config"):
                 criu.dump_config(settings.dump_timeout_s).write(sd.criu_conf)
                 work.mkdir(mode=0o700, parents=True)
@@ -139,6 +150,10 @@ def dump(settings: Settings, g: runc.GlobalOpts, st: ContainerState, sd: StateDi
             return DumpResult(False, f"dump failed after phase {list(ph.timings)[-1:] or ['start']}: "
                                      f"{type(e).__name__}: {e}", stopped=stopped)
         finally:
+            if paused:  # before the GPU is given back: CUDA's restore runs inside the process
+                p = runc.run(settings.runc, g.argv + ["resume", st.container_id], timeout=60)
+                if p.returncode != 0:
+                    log.error(f"could not resume the container after the dump: {_last_error(p.stderr, None)}")
             if cuda_s is not None and cuda_s.locked and not stopped:
                 errs = cuda.undo(drv, cuda_s)  # the container keeps running: give its processes the GPU back
                 if errs:
@@ -148,10 +163,10 @@ def dump(settings: Settings, g: runc.GlobalOpts, st: ContainerState, sd: StateDi
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _last_error(stderr: str, criu_log: Path) -> str:
+def _last_error(stderr: str, criu_log: Path | None) -> str:
     """The most telling lines: CRIU's first Error line, else runc's own error lines."""
     try:
-        for line in criu_log.read_text(errors="replace").splitlines():
+        for line in criu_log.read_text(errors="replace").splitlines() if criu_log else []:
             if "Error" in line and "RLIMIT_NOFILE" not in line:
                 return line.strip()[:300]
     except OSError:

@@ -174,18 +174,15 @@ def kill(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest: l
         exec_runc(settings.runc, argv)
     from .dump import dump  # noqa: PLC0415
     sd.hold()  # until this process (or the runc it execs) exits: a concurrent `delete` waits for the dump
-    res = dump(settings, g, st, sd, log)
+    # Frozen, not killed by CRIU: the container then gets this very signal from runc below and exits as
+    # it would without warmstart (its TERM handler's status, where CRIU's kill reported 137).
+    res = dump(settings, g, st, sd, log, frozen=True)
     if res.ok:
         st.dumped = True
         if not sd.save(st, missing_ok=True):
             log.warning("the container's warmstart state was removed during the dump (delete gave up waiting)")
-        log.info(f"checkpointed on stop into {res.path}", phases=res.phases)
-        return 0  # CRIU stopped the container at the dump: the stop is complete
-    if res.stopped:
-        Store(settings, st.scope).record_dump_failure(st.checkpoint_id, res.reason)
-        log.warning(f"not checkpointed: {res.reason}; the container is already stopped")
-        return 0
-    if res.skipped:
+        log.info(f"checkpointed on stop into {res.path}; passing the stop signal on to runc", phases=res.phases)
+    elif res.skipped:
         log.info(f"not checkpointed: {res.reason}; stopping as plain runc")
     else:
         Store(settings, st.scope).record_dump_failure(st.checkpoint_id, res.reason)

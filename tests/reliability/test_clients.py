@@ -14,7 +14,7 @@ import tarfile
 import time
 
 import pytest
-from reliability_lib import RNode, ann, start_ready
+from reliability_lib import TERM_WRAPPER, RNode, ann, start_ready
 
 pytestmark = [pytest.mark.reliability]
 
@@ -71,3 +71,31 @@ def test_delete_force_during_the_dump_waits_for_it(node: RNode):
     assert node.warmstart("verify", "held").returncode == 0
     with tarfile.open(node.store / "held" / "rootfs-diff.tar") as tar:
         assert tar.extractfile("data/big.bin").read() == big
+
+
+def _exit_status(pid: int, timeout: float = 30) -> int:
+    """The container init's exit status as its parent sees it (this test is the subreaper, as the shim is)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got, status = os.waitpid(pid, os.WNOHANG)
+        if got:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    raise AssertionError(f"container init {pid} did not exit within {timeout}s")
+
+
+def test_exit_status_after_a_dump_is_what_runc_reports(node: RNode):
+    """A stop that checkpoints must look like a plain stop to the client: the workload's TERM handler
+    exits 3 under plain runc, and must exit 3 after the dump too (CRIU's kill made it 137)."""
+    args = ["python3", "-c", TERM_WRAPPER.replace("sys.exit(0)", "sys.exit(3)"), str(8 << 20), node.tag]
+    plain, dumped = node.ctr("plain", {}, args=args), node.ctr("dumped", ann("status"), args=args)
+    statuses = []
+    for c in (plain, dumped):
+        start_ready(c)
+        c.ask()
+        pid = c.pid()
+        assert c.runtime("kill", c.id, "15", check=False, timeout=300).returncode == 0
+        statuses.append(_exit_status(pid))
+        c.delete()
+    assert (node.store / "status" / "checkpoint.done").is_file(), node.log_msgs()
+    assert statuses == [3, 3], f"plain runc: {statuses[0]}, after the dump: {statuses[1]}"
