@@ -171,11 +171,13 @@ def _stop(daemon: subprocess.Popen) -> None:
 def run_restore(runc_path: Path, criu: Path, argv: list[str], images: Path, work: Path, spec: dict[str, Any],
                 container_id: str, g: runc.GlobalOpts, pid_file: str | None,
                 log: Any = None, timeout: float = 90, eager_env: dict[str, str] | None = None,
-                watch: runc.CriuGoneWatch | None = None) -> tuple[subprocess.CompletedProcess, str]:
+                watch: runc.CriuGoneWatch | None = None,
+                stdio: runc.StdioHandOff | None = None) -> tuple[subprocess.CompletedProcess, str]:
     """`runc restore` (argv from runc.restore_argv, the id last): lazily when asked and possible, else eagerly.
 
     `eager_env` is the environment of an eager restore (criu.restore_env); `watch` fails either
-    attempt fast when its CRIU dies (runc.CriuGoneWatch).
+    attempt fast when its CRIU dies (runc.CriuGoneWatch); `stdio` hands the container's stdio over
+    (runc.StdioHandOff).  `images` is the checkpoint itself (the lazy-pages daemon reads it).
 
     Returns runc's result and how it restored ("lazy", "eager", or "eager after lazy failed: ...").
     """
@@ -188,7 +190,7 @@ def run_restore(runc_path: Path, criu: Path, argv: list[str], images: Path, work
             if log is not None:
                 log.context["lazy_daemon_start_s"] = round(time.perf_counter() - t, 6)
             p = runc.run_bounded(runc_path, argv[:-1] + ["--lazy-pages", argv[-1]], timeout,
-                                 watch=watch)
+                                 watch=watch, stdio=stdio)
             pid = runc.read_pid(pid_file) if p.returncode == 0 else None
             if pid:
                 daemon.hand_over(pid)
@@ -212,4 +214,4 @@ def run_restore(runc_path: Path, criu: Path, argv: list[str], images: Path, work
         if log is not None:
             log.warning(f"lazy restore failed, restoring eagerly: {why}")
         why = f"eager after lazy failed: {why}"
-    return runc.run_bounded(runc_path, argv, timeout, env=eager_env, watch=watch), why
+    return runc.run_bounded(runc_path, argv, timeout, env=eager_env, watch=watch, stdio=stdio), why

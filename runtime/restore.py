@@ -90,6 +90,10 @@ def restore(settings: Settings, store: Store, g: runc.GlobalOpts, c: runc.Create
     journal = rootfs.Journal(sd.path / "rootfs-backup")
     rootfs_dir = Path(st.rootfs)
     work = sd.work / "restore"
+    # runc's own output (its log, its stdout/stderr, its cleanup's) is warmstart's, never the container's
+    runc_out = sd.path / "runc-restore.log"
+    g = g.logging_to(runc_out)
+    stdio: runc.StdioHandOff | None = None
     applied = False
     with store.lock(cid, exclusive=False, blocking=True):  # gc/remove wait; other restores share
         try:
@@ -122,19 +126,19 @@ def restore(settings: Settings, store: Store, g: runc.GlobalOpts, c: runc.Create
                 # Images are read in place: CRIU writes only to the work dir (stats, logs),
                 # so the sealed checkpoint stays untouched and may sit on a read-only store.
                 lsm = trust.lsm_profile(spec)
-                argv = runc.restore_argv(g, settings.criu, c, ckpt.path, work,
+                stdio = runc.StdioHandOff.prepare(ckpt.path, sd.work / "restore-images", runc_out)
+                argv = runc.restore_argv(g, settings.criu, c, stdio.images if stdio else ckpt.path, work,
                                          extra=["--no-subreaper"] + (["--lsm-profile", lsm] if lsm else []))
                 watch = runc.CriuGoneWatch()
-                # stdio inherited: runc hands our fds 0-2 (the shim's pipes) to the restored process
                 p, how = lazy.run_restore(settings.runc, settings.criu, argv, ckpt.path, work, spec.raw, c.id,
                                           g, c.pid_file, log, timeout=settings.restore_timeout_s,
                                           eager_env=criu.restore_env(settings.restore_read_threads),
-                                          watch=watch)
+                                          watch=watch, stdio=stdio)
             log.context["restore_mode"] = how
             if p.returncode != 0:
                 died = (f"CRIU died mid-restore (killed the half-restored task {watch.released} that kept runc "
                         "waiting on the swrk socket); " if watch.released else "")
-                raise RestoreFailed(f"runc restore failed (exit {p.returncode}): {died}{_reason(g.log, work)}")
+                raise RestoreFailed(f"runc restore failed (exit {p.returncode}): {died}{_reason(runc_out, work)}")
             pid = runc.read_pid(c.pid_file)
             with ph("hostname"):
                 _fix_hostname(pid, hostname)
@@ -164,11 +168,16 @@ def restore(settings: Settings, store: Store, g: runc.GlobalOpts, c: runc.Create
         except Exception as e:  # noqa: BLE001 - any failure: undo and start cold
             _cleanup(settings, g, c, rootfs_dir, journal if applied else None, log, st.cgroup_path, work)
             _keep_logs(settings, c.id, work)
+            kept = keep_criu_log(settings.log_dir, "runc-restore", c.id, runc_out)
             q = quarantine.record_restore(cid, False, str(e)[:300], owner=owner)
             extra = " (now quarantined)" if q.get("quarantined") else ""
             if q.get("not_recorded"):
                 extra += f" (the failure count could not be stored: {q['not_recorded']})"
-            return RestoreResult(False, f"restore from {cid} failed{extra}: {e}", ph.timings)
+            return RestoreResult(False, f"restore from {cid} failed{extra}: {e}"
+                                        + (f" (runc's output: {kept})" if kept else ""), ph.timings)
+        finally:
+            if stdio is not None:
+                stdio.close()  # the restored process holds its own copies
 
 
 def _in_uts(ns_file: str, hostname: str | None = None) -> str:
@@ -212,8 +221,8 @@ class WorkerHookFailed(Exception):
     """The container's own post-restore hook failed: a cold start, never counted against the checkpoint."""
 
 
-def _reason(runc_log: str | None, work: Path) -> str:
-    """CRIU's first Error line, else runc's last error in the shim's log file."""
+def _reason(runc_log: Path, work: Path) -> str:
+    """CRIU's first Error line, else runc's last error in its log (JSON lines, and its plain stderr)."""
     try:
         for line in (work / "restore.log").read_text(errors="replace").splitlines():
             if "Error" in line and "RLIMIT_NOFILE" not in line:
@@ -221,12 +230,16 @@ def _reason(runc_log: str | None, work: Path) -> str:
     except OSError:
         pass
     try:
-        for line in reversed(Path(runc_log).read_text(errors="replace").splitlines() if runc_log else []):
+        lines = runc_log.read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    for line in reversed(lines):
+        try:
             rec = json.loads(line)
-            if rec.get("level") == "error":
-                return str(rec.get("msg"))[:300]
-    except (OSError, ValueError):
-        pass
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("level") == "error":
+            return str(rec.get("msg"))[:300]
     return "no error output"
 
 

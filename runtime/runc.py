@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import time
@@ -50,6 +51,19 @@ class GlobalOpts:
     def with_criu(self, criu: Path) -> list[str]:
         """Global argv for calls that run CRIU: ours unless the caller named one."""
         return self.argv if self.criu else self.argv + ["--criu", str(criu)]
+
+    def logging_to(self, log: Path) -> "GlobalOpts":
+        """The same flags with runc's log (JSON) in a file of ours: for the calls whose output is
+        warmstart's business (a restore, its cleanup), not the caller's."""
+        argv, i = [], 0
+        while i < len(self.argv):
+            name, eq, _ = self.argv[i].lstrip("-").partition("=")
+            if name in ("log", "log-format"):
+                i += 1 if eq else 2
+                continue
+            argv.append(self.argv[i])
+            i += 1
+        return GlobalOpts.parse(argv + ["--log", str(log), "--log-format", "json"])
 
 
 @dataclass
@@ -130,17 +144,92 @@ class Timeout(Exception):
     """runc (and the CRIU it started) ran past its deadline and was killed."""
 
 
+DESCRIPTORS = "descriptors.json"  # runc's record of the dumped init's fds 0-2, in the image dir
+HANDOFF_FD_MIN = 100
+
+
+@dataclass
+class StdioHandOff:
+    """The container's stdio reaches the restored process on fds of its own, not as runc's fds 0-2.
+
+    `runc restore` gives CRIU its own fd i for each dumped stdio pipe (descriptors.json index i) and
+    prints its own errors on that same stderr: a failed restore left `criu failed: type NOTIFY
+    errno 0` (and, without --log, its whole log) in the new container's stderr.  So runc reads an
+    image dir of links to the checkpoint whose descriptors.json puts each pipe at index base+i, the
+    caller's fd i is duplicated onto fd base+i for runc, and through it CRIU, to inherit, and runc's
+    own stdio goes to `out`, a file of warmstart's.  (CRIU's own config file cannot do it: CRIU
+    parses that file twice, and a second `inherit-fd` of one fd fails the restore.)
+    """
+    images: Path
+    fds: tuple[int, ...]
+    out: Path
+
+    @classmethod
+    def prepare(cls, checkpoint: Path, images: Path, out: Path) -> "StdioHandOff | None":
+        """None when the checkpoint's stdio holds no pipe: then runc's stdio is the container's, as before."""
+        try:
+            fds = json.loads((checkpoint / DESCRIPTORS).read_text())
+        except (OSError, ValueError):
+            return None
+        pipes = [i for i, d in enumerate(fds[:3] if isinstance(fds, list) else []) if isinstance(d, str) and "pipe:" in d]
+        if not pipes or not all(_is_open(i) for i in pipes):
+            return None
+        base = _free_fds(3)
+        moved = [""] * (base + 3)
+        for i in pipes:
+            moved[base + i] = fds[i]
+        shutil.rmtree(images, ignore_errors=True)
+        images.mkdir(mode=0o700, parents=True)
+        # Relative links: the restored task reads its pages after it entered the container's mount
+        # namespace, through CRIU's fd of this dir; an absolute target would resolve in the container.
+        up = os.path.relpath(checkpoint, images)
+        for f in checkpoint.iterdir():
+            if f.name != DESCRIPTORS:
+                (images / f.name).symlink_to(f"{up}/{f.name}")
+        (images / DESCRIPTORS).write_text(json.dumps(moved))
+        for i in pipes:
+            os.dup2(i, base + i, inheritable=False)  # Popen's pass_fds makes it inheritable in runc only
+        return cls(images, tuple(base + i for i in pipes), out)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+def _free_fds(n: int) -> int:
+    """The lowest fd >= HANDOFF_FD_MIN that starts n free fds."""
+    base = HANDOFF_FD_MIN
+    while busy := [k for k in range(n) if _is_open(base + k)]:
+        base += busy[-1] + 1
+    return base
+
+
 def run_bounded(runc: Path, argv: list[str], timeout: float, env: dict[str, str] | None = None,
-                watch: Callable[[int], None] | None = None) -> subprocess.CompletedProcess:
-    """Run runc with inherited stdio in its own process group; past the deadline, kill the whole group.
+                watch: Callable[[int], None] | None = None,
+                stdio: StdioHandOff | None = None) -> subprocess.CompletedProcess:
+    """Run runc in its own process group; past the deadline, kill the whole group.
 
     `runc restore` waits on CRIU's forked restore worker and the two can wait on
     each other forever when CRIU dies half-way; killing runc alone leaves CRIU
     behind.  The restored tasks are not in this group (CRIU gives them their
     dumped session and group): they are killed as runc's children.  `watch` is
     called with runc's pid every WATCH_TICK_S while it runs (see CriuGoneWatch).
+    stdio is inherited, or with `stdio` handed off (StdioHandOff).
     """
-    p = subprocess.Popen([str(runc)] + argv, process_group=0, env=env)
+    if stdio is None:
+        p = subprocess.Popen([str(runc)] + argv, process_group=0, env=env)
+    else:
+        with open(stdio.out, "ab") as out:
+            p = subprocess.Popen([str(runc)] + argv, process_group=0, env=env, stdin=subprocess.DEVNULL,
+                                 stdout=out, stderr=out, pass_fds=stdio.fds)
     try:
         return subprocess.CompletedProcess(p.args, wait_exit(p, timeout, watch))
     except subprocess.TimeoutExpired:

@@ -8,13 +8,14 @@ failed restore.  tests/e2e/test_podman.py and test_ctr.py run the clients themse
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import subprocess
 import tarfile
 import time
 
 import pytest
-from reliability_lib import TERM_WRAPPER, RNode, ann, start_ready
+from reliability_lib import TERM_WRAPPER, RNode, ann, make_checkpoint, shim, start_ready
 
 pytestmark = [pytest.mark.reliability]
 
@@ -99,3 +100,36 @@ def test_exit_status_after_a_dump_is_what_runc_reports(node: RNode):
         c.delete()
     assert (node.store / "status" / "checkpoint.done").is_file(), node.log_msgs()
     assert statuses == [3, 3], f"plain runc: {statuses[0]}, after the dump: {statuses[1]}"
+
+
+def _drain(fd: int, timeout: float = 30) -> bytes:
+    """Everything left in a pipe until its writers are gone (EOF)."""
+    out, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline and select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return out
+        out += chunk
+    raise AssertionError(f"the pipe stayed open for {timeout}s; read so far: {out!r}")
+
+
+def test_failed_restore_leaves_runc_out_of_the_container_stdio(node: RNode):
+    """runc hands its own fds 0-2 to the restored process and prints its own errors on that stderr: a failed
+    restore wrote `criu failed: type NOTIFY errno 0` into the new container's stderr.  The container's
+    stdio must carry only what the container writes; runc's and CRIU's words go to warmstart's logs."""
+    dumped = make_checkpoint(node, "noisy")
+    pagemap = next((node.store / "noisy").glob("pagemap-*.img"))
+    pagemap.write_bytes(pagemap.read_bytes()[:12])  # CRIU fails on it at once (a truncated pages image hangs)
+    shim.reseal(node, "noisy")
+    c = node.ctr("cold", ann("noisy"))
+    ready = start_ready(c)
+    assert ready["event"] == "ready" and ready["random"] != dumped["random"], "not a cold start"
+    reason = next((m for m in node.log_msgs() if "restore from noisy failed" in m), None)
+    assert reason and "pagemap" in reason, node.log_msgs()
+    c.stop()  # plain stop: the checkpoint exists, nothing is dumped
+    assert _drain(c.proc_stdout) == b"" and c.buf == b""
+    err = _drain(c.stderr_r)
+    assert err == b"", f"runc/CRIU wrote into the container's stderr: {err!r}"
+    kept = node.base / "logs" / f"runc-restore-{c.id}.log"
+    assert "criu failed" in kept.read_text(), "runc's own error is not in warmstart's logs"
+    assert "criu failed" not in c.log_text(), "runc's restore log went to the caller's --log"

@@ -97,6 +97,38 @@ def test_global_opts_parse_all_forms():
     assert g2.with_criu(Path("/ours")) == ["--root=/r", "--criu", "/ours"]
 
 
+def test_logging_to_replaces_the_callers_log_in_every_form():
+    for argv in (["--root", "/r", "--log", "/l", "--log-format", "text"], ["--log=/l", "--root=/r", "-log-format=json"],
+                 ["--root", "/r"]):
+        g = runc.GlobalOpts.parse(argv).logging_to(Path("/ours.log"))
+        assert (g.log, g.log_format) == ("/ours.log", "json")
+        assert "/l" not in g.argv and g.argv.count("--log") == 1 and g.root == "/r"
+
+
+def test_stdio_handoff_moves_the_pipes_off_runcs_own_fds(tmp_path):
+    """The dumped stdio pipes are read by runc at index base+i, and the caller's fd i sits on fd base+i."""
+    import json
+    import os
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "descriptors.json").write_text(json.dumps(["/dev/null", "pipe:[11]", "pipe:[12]"]))
+    (ckpt / "pages-1.img").write_bytes(b"p")
+    h = runc.StdioHandOff.prepare(ckpt, tmp_path / "images", tmp_path / "out")
+    assert h is not None
+    try:
+        moved = json.loads((h.images / "descriptors.json").read_text())
+        base = h.fds[0] - 1
+        assert base >= runc.HANDOFF_FD_MIN and h.fds == (base + 1, base + 2)
+        assert [i for i, d in enumerate(moved) if d] == [base + 1, base + 2] and moved[base + 2] == "pipe:[12]"
+        assert os.path.sameopenfile(1, base + 1) and os.path.sameopenfile(2, base + 2)
+        link = h.images / "pages-1.img"
+        assert not os.readlink(link).startswith("/") and link.read_bytes() == b"p"  # relative: see prepare
+    finally:
+        h.close()
+    (ckpt / "descriptors.json").write_text(json.dumps(["/dev/null", "/dev/null", "/dev/pts/0"]))
+    assert runc.StdioHandOff.prepare(ckpt, tmp_path / "images", tmp_path / "out") is None
+
+
 def test_create_args_parse():
     c = runc.CreateArgs.parse(["--bundle", "/b", "--pid-file=/p", "--console-socket", "/s", "--no-pivot",
                                "--no-new-keyring", "--preserve-fds", "2", "c1"])
