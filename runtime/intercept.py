@@ -1,4 +1,4 @@
-"""The slow path: runc calls that concern an opted-in container (create, start, kill, delete).
+"""The slow path: runc calls that concern an opted-in container (create, restore, start, kill, delete).
 
 Each handler either does warmstart's work and returns runc's exit code, or
 falls back to exec'ing runc with the caller's argv unchanged.  Any exception
@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from . import annotations, config, dynamo_protocol, image_id, rootfs, runc, trust
 from .fileutil import write_json_atomic
@@ -41,7 +41,8 @@ def main(argv: list[str], sub_i: int) -> int:
         settings = config.load()
         runc_path = settings.runc
         log.log_dir = settings.log_dir
-        handler = {"create": create, "start": start, "kill": kill, "delete": delete}[sub]
+        handler = {"create": create, "restore": client_restore, "start": start, "kill": kill,
+                   "delete": delete}[sub]
         return handler(settings, g, argv, rest, log)
     except SystemExit:
         raise
@@ -86,7 +87,18 @@ def _inject(spec: dict[str, Any], sd: StateDir) -> dict[str, Any]:
     return spec
 
 
-def create(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest: list[str], log: Logger) -> int:
+class Bundle(NamedTuple):
+    """A create's (or a client's restore's) container, read once: argv, config.json, policy, scope."""
+    c: runc.CreateArgs
+    cfg: Path
+    spec: dict[str, Any]
+    view: Spec
+    policy: annotations.Policy
+    scope: str
+
+
+def _opted_in(settings: config.Settings, argv: list[str], rest: list[str], log: Logger) -> Bundle:
+    """The bundle of an opted-in container; plain runc (exec, no return) when it did not opt in or opted in wrongly."""
     c = runc.CreateArgs.parse(rest)
     log.context = {"container": c.id}
     cfg = c.bundle / "config.json"
@@ -102,16 +114,40 @@ def create(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest:
         exec_runc(settings.runc, argv)
     log.context["checkpoint_id"] = policy.checkpoint_id
     log.context["scope"] = scope
-    sd = StateDir(settings.state_dir, c.id)
+    return Bundle(c, cfg, spec, view, policy, scope)
+
+
+def _new_state(settings: config.Settings, g: runc.GlobalOpts, b: Bundle) -> tuple[StateDir, ContainerState]:
+    sd = StateDir(settings.state_dir, b.c.id)
     sd.create()
     sd.hold_busy()  # until we return or exec runc: a failed restore's cleanup runs the poststop hook
-    rootfs_dir = rootfs.rootfs_path(c.bundle, spec)
-    st = ContainerState(container_id=c.id, checkpoint_id=policy.checkpoint_id, mode=policy.mode.value,
-                        bundle=str(c.bundle), rootfs=str(rootfs_dir), runc_root=g.root,
-                        identity=policy.identity, id_source=policy.id_source, share_pid_ns=view.shares_pid_ns,
-                        pid_file=c.pid_file, runc_log=g.log, runc_global=list(g.argv), scope=scope,
+    rootfs_dir = rootfs.rootfs_path(b.c.bundle, b.spec)
+    st = ContainerState(container_id=b.c.id, checkpoint_id=b.policy.checkpoint_id, mode=b.policy.mode.value,
+                        bundle=str(b.c.bundle), rootfs=str(rootfs_dir), runc_root=g.root,
+                        identity=b.policy.identity, id_source=b.policy.id_source,
+                        share_pid_ns=b.view.shares_pid_ns, pid_file=b.c.pid_file, runc_log=g.log,
+                        runc_global=list(g.argv), scope=b.scope,
                         image_fingerprint=image_id.fingerprint(rootfs_dir, settings.state_dir))
-    store = locate(settings, scope, policy.checkpoint_id)
+    return sd, st
+
+
+def _watch_for_ready(settings: config.Settings, b: Bundle, sd: StateDir, log: Logger) -> None:
+    """on-ready without a checkpoint yet: start the supervisor that dumps once the worker is ready."""
+    if b.policy.mode is annotations.Mode.ON_READY and locate(settings, b.scope, b.policy.checkpoint_id) is None:
+        try:
+            from . import readiness, supervisor  # noqa: PLC0415 - on-ready only: ~20 ms a restore need not pay
+            readiness.from_spec(b.spec)  # a bad ready-* annotation: say so now, not in the supervisor
+            supervisor.spawn(sd)
+        except annotations.AnnotationError as e:
+            log.error(f"{e}; the container runs, but will not be checkpointed")
+
+
+def create(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest: list[str], log: Logger) -> int:
+    b = _opted_in(settings, argv, rest, log)
+    c, cfg, spec, policy = b.c, b.cfg, b.spec, b.policy
+    sd, st = _new_state(settings, g, b)
+    rootfs_dir = Path(st.rootfs)
+    store = locate(settings, b.scope, policy.checkpoint_id)
     restoring = not st.share_pid_ns and store is not None
     write_json_atomic(cfg, _inject(spec, sd), mode=0o644)
     if rootfs.overlay_upperdir(rootfs_dir) is None:
@@ -123,7 +159,7 @@ def create(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest:
         exec_runc(settings.runc, argv)
     if restoring:
         from .restore import restore  # noqa: PLC0415
-        res = restore(settings, store, g, c, view, st, sd, log)
+        res = restore(settings, store, g, c, b.view, st, sd, log)
         if res.ok:
             st.restored, st.restored_from = True, policy.checkpoint_id
             sd.save(st)
@@ -134,13 +170,31 @@ def create(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest:
     else:
         log.info(f"cold start: no checkpoint {policy.checkpoint_id} in the store yet",
                  will_dump=policy.mode in (annotations.Mode.ON_STOP, annotations.Mode.ON_READY))
-    if policy.mode is annotations.Mode.ON_READY and locate(settings, scope, policy.checkpoint_id) is None:
-        try:
-            from . import readiness, supervisor  # noqa: PLC0415 - on-ready only: ~20 ms a restore need not pay
-            readiness.from_spec(spec)  # a bad ready-* annotation: say so now, not in the supervisor
-            supervisor.spawn(sd)
-        except annotations.AnnotationError as e:
-            log.error(f"{e}; the container runs, but will not be checkpointed")
+    _watch_for_ready(settings, b, sd, log)
+    exec_runc(settings.runc, argv)
+
+
+def client_restore(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest: list[str],
+                   log: Logger) -> int:
+    """`runc restore` from the client's own checkpoint (podman's `container checkpoint` / `restore`).
+
+    The client's checkpoint ended the container through runc and its cleanup's `delete`, which dropped
+    warmstart's state: without it the next stop passed through and never dumped.  The state is made
+    again as at create (the image fingerprint is of the overlay's lower layers, which the container
+    never changes; a plain-directory rootfs has no record of its content at create, so such a container
+    is left to runc), and the restore itself goes to runc unchanged.
+    """
+    b = _opted_in(settings, argv, rest, log)
+    if rootfs.overlay_upperdir(rootfs.rootfs_path(b.c.bundle, b.spec)) is None:
+        log.warning("restored by the client from its own checkpoint (runc restore); its rootfs is a plain "
+                    "directory whose content at create is unknown: this container will not be checkpointed")
+        exec_runc(settings.runc, argv)
+    sd, st = _new_state(settings, g, b)
+    write_json_atomic(b.cfg, _inject(b.spec, sd), mode=0o644)
+    sd.save(st)
+    log.info("restored by the client from its own checkpoint (runc restore): warmstart's state for the "
+             f"container is made again; its next stop is handled as after a create ({b.policy.mode.value})")
+    _watch_for_ready(settings, b, sd, log)
     exec_runc(settings.runc, argv)
 
 

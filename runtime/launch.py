@@ -2,8 +2,8 @@
 """warmstart-runtime: the runc-compatible entry point that containerd's shim calls.
 
 This file runs on *every* container operation of the node, so it imports only
-`os` and `sys` and decides with one file read (create) or one stat (start, kill,
-delete) whether the call concerns an opted-in container.  Everything else is
+`os` and `sys` and decides with one file read (create, restore) or one stat (start,
+kill, delete) whether the call concerns an opted-in container.  Everything else is
 `execv(runc, same argv)`: same flags, same exit code, same stdio.  install.sh
 copies this file to /usr/local/bin/warmstart-runtime with a `python3 -IS`
 shebang; the heavy path adds the venv's site-packages itself.
@@ -15,7 +15,7 @@ DEFAULT_CONFIG = "/etc/warmstart/config.toml"
 DEFAULTS = {"runc": "/usr/sbin/runc", "state_dir": "/run/warmstart"}
 # runc's global flags that take a value (urfave/cli accepts -x and --x, and x=v).
 VALUE_FLAGS = {"log", "log-format", "root", "criu", "rootless"}
-INTERCEPTED = {"create", "start", "kill", "delete"}
+INTERCEPTED = {"create", "restore", "start", "kill", "delete"}
 
 
 def fast_settings():
@@ -57,7 +57,7 @@ def split_argv(argv):
 def needs_intercept(argv, sub_i, settings):
     sub = argv[sub_i]
     rest = argv[sub_i + 1:]
-    if sub == "create":
+    if sub in ("create", "restore"):  # restore: the client's own (podman container restore)
         bundle = "."
         for j, a in enumerate(rest):
             if a in ("--bundle", "-bundle", "-b", "--b") and j + 1 < len(rest):

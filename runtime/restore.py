@@ -178,6 +178,9 @@ def restore(settings: Settings, store: Store, g: runc.GlobalOpts, c: runc.Create
         finally:
             if stdio is not None:
                 stdio.close()  # the restored process holds its own copies
+            # Its options were for this restore only: a client's own `runc checkpoint` of the container
+            # reads the same file (org.criu.config), and tcp-close or cgroup-root would change its dump.
+            sd.criu_conf.unlink(missing_ok=True)
 
 
 def _in_uts(ns_file: str, hostname: str | None = None) -> str:

@@ -68,7 +68,8 @@ class GlobalOpts:
 
 @dataclass
 class CreateArgs:
-    """`runc create` options (the shim: --bundle B --pid-file P [--console-socket S] ... ID)."""
+    """`runc create` options (the shim: --bundle B --pid-file P [--console-socket S] ... ID); also
+    parses a client's own `runc restore` (its image and work paths are read past, not kept)."""
     id: str
     bundle: Path
     pid_file: str | None = None
@@ -82,7 +83,9 @@ class CreateArgs:
         vals: dict[str, str | bool] = {}
         positional: list[str] = []
         i = 0
-        value_opts = {"bundle", "b", "pid-file", "console-socket", "preserve-fds"}
+        value_opts = {"bundle", "b", "pid-file", "console-socket", "preserve-fds",
+                      "image-path", "work-path", "parent-path", "manage-cgroups-mode", "empty-ns",
+                      "lsm-profile", "lsm-mount-context"}
         while i < len(args):
             a = args[i]
             if a.startswith("-") and a != "-":

@@ -135,6 +135,9 @@ def test_create_args_parse():
     assert (c.id, c.bundle, c.pid_file, c.console_socket, c.no_pivot, c.no_new_keyring, c.preserve_fds) == \
         ("c1", Path("/b"), "/p", "/s", True, True, "2")
     assert runc.CreateArgs.parse(["-b=/x", "c"]).bundle == Path("/x")
+    r = runc.CreateArgs.parse(["--image-path", "/i", "--work-path=/w", "--bundle", "/b", "--detach",
+                               "--manage-cgroups-mode", "soft", "--pid-file", "/p", "c2"])  # a client's restore
+    assert (r.id, r.bundle, r.pid_file) == ("c2", Path("/b"), "/p")
     with pytest.raises(ValueError, match="one container id"):
         runc.CreateArgs.parse(["--bundle", "/b"])
     with pytest.raises(ValueError):

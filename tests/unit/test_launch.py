@@ -76,6 +76,15 @@ def test_create_opted_in_bundle_forms(tmp_path, settings, form):
     assert _call(argv, settings) is True
 
 
+def test_client_restore_of_an_opted_in_bundle_is_intercepted(tmp_path, settings):
+    """podman's own `container restore`: warmstart makes the container's state again (intercept.client_restore)."""
+    b = _bundle(tmp_path, {"warmstart.dev/checkpoint": "on-stop"})
+    argv = ["restore", "--image-path", "/ckpt", "--work-path", "/w", "--bundle", str(b), "--detach", "c1"]
+    assert _call(argv, settings) is True
+    plain = _bundle(tmp_path, {}, "plain")
+    assert _call(["restore", "--image-path", "/ckpt", "--bundle", str(plain), "c1"], settings) is False
+
+
 def test_create_not_opted_in(tmp_path, settings):
     b = _bundle(tmp_path, {"io.kubernetes.cri.container-type": "container", "other.dev/x": "y"})
     assert _call(["create", "--bundle", str(b), "c1"], settings) is False
