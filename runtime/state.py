@@ -98,6 +98,7 @@ class StateDir:
         """
         fd = os.open(self.dump_lock, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
+        os.set_inheritable(fd, True)  # Python opens close-on-exec; subprocess still closes it in children
         return fd
 
     def wait_unheld(self, timeout_s: float) -> float | None:
