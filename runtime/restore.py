@@ -139,6 +139,11 @@ def restore(settings: Settings, store: Store, g: runc.GlobalOpts, c: runc.Create
                 died = (f"CRIU died mid-restore (killed the half-restored task {watch.released} that kept runc "
                         "waiting on the swrk socket); " if watch.released else "")
                 raise RestoreFailed(f"runc restore failed (exit {p.returncode}): {died}{_reason(runc_out, work)}")
+            if stdio is not None:
+                try:
+                    stdio.record(Path(g.root or runc.DEFAULT_ROOT), c.id)
+                except (OSError, ValueError) as e:  # the next checkpoint would restore without its stdio
+                    raise RestoreFailed(f"cannot record the container's stdio in runc's state: {e}") from e
             pid = runc.read_pid(c.pid_file)
             with ph("hostname"):
                 _fix_hostname(pid, hostname)

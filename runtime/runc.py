@@ -147,6 +147,7 @@ class Timeout(Exception):
     """runc (and the CRIU it started) ran past its deadline and was killed."""
 
 
+DEFAULT_ROOT = "/run/runc"  # runc's --root when the caller gives none (as root)
 DESCRIPTORS = "descriptors.json"  # runc's record of the dumped init's fds 0-2, in the image dir
 HANDOFF_FD_MIN = 100
 
@@ -193,6 +194,24 @@ class StdioHandOff:
         for i in pipes:
             os.dup2(i, base + i, inheritable=False)  # Popen's pass_fds makes it inheritable in runc only
         return cls(images, tuple(base + i for i in pipes), out)
+
+    def record(self, root: Path, container_id: str) -> None:
+        """Tell runc which stdio the restored process has: the caller's fds 0-2, as without the hand-off.
+
+        runc records its CRIU's fds 0-2 as the container's "external descriptors" and writes them into
+        descriptors.json at the next checkpoint (its own or a client's); here those were /dev/null and
+        `out`, so the restore after that gave the process /dev/null for stdin and a log file for stdout.
+        """
+        state = root / container_id / "state.json"
+        data = json.loads(state.read_text())
+        if not isinstance(data.get("external_descriptors"), list):
+            raise ValueError(f"{state}: no external_descriptors list (not runc 1.1's state format)")
+        data["external_descriptors"] = [os.readlink(f"/proc/self/fd/{i}") for i in range(3)]
+        tmp = state.with_name(f".{state.name}.warmstart")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, state)
 
     def close(self) -> None:
         for fd in self.fds:
@@ -320,7 +339,7 @@ def discard_failed_restore(runc: Path, g: GlobalOpts, container_id: str) -> list
     the rootfs.  So everything under the state dir is unmounted first, and runc
     is called only when nothing is mounted there any more.
     """
-    state = Path(g.root or "/run/runc") / container_id
+    state = Path(g.root or DEFAULT_ROOT) / container_id
     left = procfs.umount_under(state)
     if left:
         return [f"cleanup: {', '.join(left)} stays mounted; {state} left in place rather than deleted through it"]

@@ -153,4 +153,10 @@ def test_podman_checkpoint_restore_and_restart_keep_warmstart_in_the_loop(podman
     resumed = wait_ticks(lambda: podman.logs(a), n_lines + 1)[n_lines]
     assert resumed["random"] == dumped["random"] and resumed["counter"] > dumped["counter"], (dumped, resumed)
     assert any(m.startswith(f"restored from {cid}") for m in node.log_msgs()), node.log_msgs()
+    # podman's own checkpoint of a container warmstart restored: runc must know its real stdio
+    podman("container", "checkpoint", a)
+    podman("container", "restore", a)
+    n_lines = len(ticks(podman.logs(a)))
+    later = wait_ticks(lambda: podman.logs(a), n_lines + 1)[n_lines]
+    assert later["random"] == dumped["random"] and later["counter"] > resumed["counter"], (resumed, later)
     podman("rm", "--force", "--time", "0", a)

@@ -123,6 +123,14 @@ def test_stdio_handoff_moves_the_pipes_off_runcs_own_fds(tmp_path):
         assert os.path.sameopenfile(1, base + 1) and os.path.sameopenfile(2, base + 2)
         link = h.images / "pages-1.img"
         assert not os.readlink(link).startswith("/") and link.read_bytes() == b"p"  # relative: see prepare
+        # runc recorded its CRIU's stdio (ours: /dev/null, the log); the next checkpoint must get the container's
+        (tmp_path / "root" / "c1").mkdir(parents=True)
+        state = tmp_path / "root" / "c1" / "state.json"
+        state.write_text(json.dumps({"id": "c1", "external_descriptors": ["/dev/null", "/x.log", "/x.log"]}))
+        h.record(tmp_path / "root", "c1")
+        got = json.loads(state.read_text())
+        assert got["id"] == "c1" and got["external_descriptors"] == [os.readlink(f"/proc/self/fd/{i}") for i in range(3)]
+        assert state.stat().st_mode & 0o777 == 0o600
     finally:
         h.close()
     (ckpt / "descriptors.json").write_text(json.dumps(["/dev/null", "/dev/null", "/dev/pts/0"]))
