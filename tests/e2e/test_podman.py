@@ -100,12 +100,14 @@ def test_stop_checkpoints_and_a_new_container_restores(podman: Podman, warmstart
     """`podman run --rm` + `podman stop` checkpoints (PATH-less kill; cleanup's delete and --rm racing the
     dump); a new `podman run` with the same id restores memory and rootfs; nothing of runc's in its logs."""
     node, cid, a, b = NodeFiles(warmstart_config), unique("pm"), unique("pm-a"), unique("pm-b")
+    since = len(node.log_msgs())  # the node's log is the session's: earlier tests' lines are not this test's
     podman.run(a, "--rm", ann=annotations(cid), env={"BLOB_MB": "64"})
     before = wait_ticks(lambda: podman.logs(a))[-1]
     stop = podman("stop", a)
     assert stop.stderr == "", stop.stderr  # was: "container does not exist" (kill exited 1)
     assert (node.checkpoint(cid) / "checkpoint.done").is_file(), node.log_msgs()
-    assert not [m for m in node.log_msgs() if "internal error" in m or "not checkpointed" in m], node.log_msgs()
+    mine = node.log_msgs()[since:]
+    assert not [m for m in mine if "internal error" in m or "not checkpointed" in m], mine
     podman.run(b, ann=annotations(cid))
     after = wait_ticks(lambda: podman.logs(b))
     assert after[0]["random"] == before["random"] and after[0]["counter"] > before["counter"], (before, after[0])
@@ -140,11 +142,12 @@ def test_podman_checkpoint_restore_and_restart_keep_warmstart_in_the_loop(podman
     again (logged), so the next stop still checkpoints.  `podman restart` of an on-stop container then restores
     that checkpoint (README: a restart resumes from the id's checkpoint; it does not start fresh)."""
     node, cid, a = NodeFiles(warmstart_config), unique("pm-own"), unique("pm-own")
+    since = len(node.log_msgs())  # this test's lines only: the node's log is the session's
     podman.run(a, ann=annotations(cid))
     wait_ticks(lambda: podman.logs(a))
     podman("container", "checkpoint", a)
     podman("container", "restore", a)
-    assert any(m.startswith("restored by the client") for m in node.log_msgs()), node.log_msgs()
+    assert any(m.startswith("restored by the client") for m in node.log_msgs()[since:]), node.log_msgs()[since:]
     dumped = wait_ticks(lambda: podman.logs(a))[-1]
     podman("stop", a)
     assert (node.checkpoint(cid) / "checkpoint.done").is_file(), node.log_msgs()
