@@ -22,17 +22,8 @@ from . import procfs
 
 def overlay_lowerdirs(rootfs: Path) -> list[Path] | None:
     """The lower dirs of the overlay mounted at rootfs (None when it is not an overlay)."""
-    target = os.path.realpath(rootfs)
-    found = None
-    for m in procfs.mounts():
-        if m.mount_point != target:
-            continue
-        found = None  # a later mount on the same point hides earlier ones
-        if m.fstype == "overlay":
-            for opt in m.super_options.split(","):
-                if opt.startswith("lowerdir="):
-                    found = [Path(p) for p in opt[len("lowerdir="):].split(":") if p]
-    return found
+    lower = procfs.overlay_option(procfs.mount_at(rootfs), "lowerdir")
+    return [Path(p) for p in lower.split(":") if p] if lower else None
 
 
 def _listing_hash(h: "hashlib._Hash", root: Path) -> None:

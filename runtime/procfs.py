@@ -91,6 +91,26 @@ def mounts(pid: str | int = "self") -> list[Mount]:
     return out
 
 
+def mount_at(path: Path | str) -> Mount | None:
+    """The mount on top at `path` (resolved): a later mount on the same point hides earlier ones."""
+    target = os.path.realpath(path)
+    found = None
+    for m in mounts():
+        if m.mount_point == target:
+            found = m
+    return found
+
+
+def overlay_option(m: Mount | None, key: str) -> str | None:
+    """An overlay mount's super option (upperdir, lowerdir), unescaped; None for anything else."""
+    if m is None or m.fstype != "overlay":
+        return None
+    for opt in m.super_options.split(","):
+        if opt.startswith(key + "="):
+            return _unescape(opt[len(key) + 1:])
+    return None
+
+
 def mounts_under(path: Path | str) -> list[str]:
     """Mount points at or below `path` (resolved), deepest first."""
     top = os.path.realpath(path)

@@ -22,6 +22,8 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from . import procfs
+
 MAX_ENTRIES = 200_000
 
 
@@ -43,29 +45,10 @@ def rootfs_path(bundle: Path, spec: dict) -> Path:
     return p if p.is_absolute() else bundle / p
 
 
-def _unescape(s: str) -> str:
-    return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-
-
 def overlay_upperdir(rootfs: Path) -> Path | None:
     """The upper dir of the overlay mounted at rootfs, from our mountinfo."""
-    target = os.path.realpath(rootfs)
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            pre, _, post = line.partition(" - ")
-            fields_ = pre.split()
-            if len(fields_) < 5 or _unescape(fields_[4]) != target:
-                continue
-            post_f = post.split()
-            if post_f and post_f[0] == "overlay":
-                found = None
-                for opt in post_f[2].split(",") if len(post_f) > 2 else []:
-                    if opt.startswith("upperdir="):
-                        found = Path(_unescape(opt[len("upperdir="):]))
-            else:
-                found = None  # a later mount on the same point hides earlier ones
-    return found
+    upper = procfs.overlay_option(procfs.mount_at(rootfs), "upperdir")
+    return Path(upper) if upper else None
 
 
 # -- opening beneath a dir fd --------------------------------------------------
