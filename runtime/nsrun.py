@@ -19,6 +19,16 @@ CLONE_NEWNET = 0x40000000
 MAX_RESULT = 1 << 16
 
 
+def sethostname(name: str) -> None:
+    """sethostname(2) without importing `socket` (~4 ms of every restore's `create`)."""
+    import ctypes  # noqa: PLC0415
+
+    raw = name.encode()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.sethostname(raw, len(raw)) != 0:
+        raise OSError(ctypes.get_errno(), f"sethostname({name!r})")
+
+
 @dataclass(frozen=True)
 class Outcome:
     ok: bool          # fn returned (its bytes are in `data`)

@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import os
-import platform
 import resource
 import subprocess
 import tarfile
@@ -79,7 +78,7 @@ def export_layout(ckpt: Path, cid: str, layout: Path, tag: str) -> None:
     size = layer_tmp.stat().st_size
     os.rename(layer_tmp, layout / "blobs" / "sha256" / digest)
     layer = {"mediaType": LAYER_TYPE, "digest": f"sha256:{digest}", "size": size}
-    config = {"architecture": {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine()),
+    config = {"architecture": {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine),
               "os": "linux", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "config": {"Labels": {ANNOTATION: cid}},
               "rootfs": {"type": "layers", "diff_ids": [f"sha256:{digest}"]}}

@@ -190,12 +190,10 @@ def restore(settings: Settings, store: Store, g: runc.GlobalOpts, c: runc.Create
 
 def _in_uts(ns_file: str, hostname: str | None = None) -> str:
     """Read (or set) the hostname of the UTS namespace at ns_file (nsrun's child does the setns)."""
-    import socket  # noqa: PLC0415
-
     def uts() -> bytes:
         if hostname is not None:
-            socket.sethostname(hostname)
-        return socket.gethostname().encode()
+            nsrun.sethostname(hostname)
+        return os.uname().nodename.encode()
     out = nsrun.run(uts, setns=((ns_file, nsrun.CLONE_NEWUTS),))
     if not out.ok:
         raise RestoreFailed(f"could not {'set' if hostname else 'read'} the hostname in {ns_file}: {out.error}")

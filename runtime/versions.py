@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import subprocess
 from functools import lru_cache
@@ -36,7 +35,7 @@ def node_versions(runc: Path, criu_path: Path, cache_dir: Path | None = None) ->
         except (OSError, ValueError, AttributeError, KeyError, TypeError):
             pass
     out = {"criu": criu.version_str(criu.version(criu_path)), "runc": runc_version(runc),
-           "kernel": os.uname().release, "arch": platform.machine(), "warmstart": __version__}
+           "kernel": os.uname().release, "arch": os.uname().machine, "warmstart": __version__}
     if cache is not None and key is not None and "unknown" not in (out["criu"], out["runc"]):
         try:
             tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
