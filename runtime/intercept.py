@@ -97,10 +97,16 @@ class Bundle(NamedTuple):
     scope: str
 
 
-def _opted_in(settings: config.Settings, argv: list[str], rest: list[str], log: Logger) -> Bundle:
+def _opted_in(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest: list[str],
+              log: Logger) -> Bundle:
     """The bundle of an opted-in container; plain runc (exec, no return) when it did not opt in or opted in wrongly."""
     c = runc.CreateArgs.parse(rest)
     log.context = {"container": c.id}
+    if os.path.lexists(Path(g.root or runc.DEFAULT_ROOT) / c.id):
+        # runc already has this id: its own create fails as it should, and nothing of warmstart's
+        # (state dir, restore, a failed restore's cleanup) may touch the container that holds it
+        log.warning(f"runc already has a container {c.id}; passing the call to runc unchanged")
+        exec_runc(settings.runc, argv)
     cfg = c.bundle / "config.json"
     spec = json.loads(cfg.read_text())
     view = Spec(spec)
@@ -143,7 +149,7 @@ def _watch_for_ready(settings: config.Settings, b: Bundle, sd: StateDir, log: Lo
 
 
 def create(settings: config.Settings, g: runc.GlobalOpts, argv: list[str], rest: list[str], log: Logger) -> int:
-    b = _opted_in(settings, argv, rest, log)
+    b = _opted_in(settings, g, argv, rest, log)
     c, cfg, spec, policy = b.c, b.cfg, b.spec, b.policy
     sd, st = _new_state(settings, g, b)
     rootfs_dir = Path(st.rootfs)
@@ -184,7 +190,7 @@ def client_restore(settings: config.Settings, g: runc.GlobalOpts, argv: list[str
     never changes; a plain-directory rootfs has no record of its content at create, so such a container
     is left to runc), and the restore itself goes to runc unchanged.
     """
-    b = _opted_in(settings, argv, rest, log)
+    b = _opted_in(settings, g, argv, rest, log)
     if rootfs.overlay_upperdir(rootfs.rootfs_path(b.c.bundle, b.spec)) is None:
         log.warning("restored by the client from its own checkpoint (runc restore); its rootfs is a plain "
                     "directory whose content at create is unknown: this container will not be checkpointed")

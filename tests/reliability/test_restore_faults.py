@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from reliability_lib import (RNode, ann, shim, assert_clean, count, make_checkpoint, rootfs_listing, tagged_pids,
-                      write_criu_wrapper)
+from reliability_lib import (RNode, ann, shim, assert_clean, count, make_checkpoint, rootfs_listing, start_ready,
+                             tagged_pids, write_criu_wrapper)
 
 pytestmark = [pytest.mark.reliability]
 BIG = 256 << 20
@@ -255,3 +255,23 @@ def test_restore_deadline_after_the_rootfs_bind_leaves_the_rootfs_intact(node):
     cold_after_failed_restore(node, "b0", "kb", dumped, "killed after 3s")
     count("faults.restore")
     assert_clean(node, before, "after the deadline killed a restore past runc's rootfs bind")
+
+
+def test_create_of_an_id_that_runc_already_has_leaves_that_container_alone(node: RNode):
+    """A second `create` for an id runc already runs (a client retry, a confused caller) must fail as runc's
+    own create fails, and never clean up the running container's state or cgroup as if it were a failed
+    restore of its own."""
+    dumped = make_checkpoint(node, "twin")
+    a = node.ctr("twin-a", {})  # a plain container holding the id
+    first = start_ready(a)
+    b = node.ctr("twin-b", ann("twin", "restore-only"))
+    b.id = a.id  # same id, another bundle
+    since = len(node.runtime_log())
+    with pytest.raises(AssertionError, match="create failed"):
+        b.create()
+    assert a.ask()["random"] == first["random"], "the running container was disturbed"
+    assert json.loads(a.runtime("state", a.id).stdout)["status"] == "running"
+    msgs = node.log_msgs(since)
+    assert any("already" in m and a.id in m for m in msgs), msgs
+    assert dumped["random"] != first["random"]
+    node.containers.remove(b)  # b never existed: cleanup must not delete a's state twice
