@@ -61,6 +61,22 @@ class Settings:
 
 
 _PATH_KEYS = {"store", "seal_dir", "state_dir", "log_dir", "runc", "criu", "signing_key"}
+_BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """A byte count as an operator writes it: 1073741824, 512M, 200G, 1.5T (binary units)."""
+    t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _BYTE_UNITS else ""
+    try:
+        n = float(t[:len(t) - len(unit)])
+    except ValueError:
+        raise ValueError(f"{text!r}: not a byte count; write e.g. 1073741824, 512M or 200G") from None
+    if n < 0:
+        raise ValueError(f"{text!r}: a byte count cannot be negative")
+    return int(n * _BYTE_UNITS[unit])
+
+
 _INT_KEYS = {"max_restore_failures", "dump_timeout_s", "restore_timeout_s", "max_pull_bytes"}
 _COUNT_KEYS = {"restore_read_threads"}  # 0 allowed: "automatic"
 _SHARED_RE = re.compile(r"(_local|[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)/[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")

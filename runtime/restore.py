@@ -162,6 +162,7 @@ def restore(settings: Settings, store: Store, g: runc.GlobalOpts, c: runc.Create
                         raise WorkerHookFailed(f"post-restore hook failed: {e}") from e
             ph.timings.update({f"criu_{k}": v for k, v in criu.restore_stats(work).items() if k.endswith("_time")})
             quarantine.record_restore(cid, True, owner=owner)
+            store.mark_used(cid)  # gc --budget evicts the least recently used
             _keep_logs(settings, c.id, work)
             sd.restored_marker.touch()  # launch.py: `start` is then a no-op without imports
             journal.commit()  # restored: drop what the diff set aside (never raises)

@@ -45,6 +45,7 @@ DELETED = "deleted.files"
 DUMP_LOG = "dump.log"
 CONTROL_FILES = {MARKER, METADATA}
 DERIVED = ("mounts", "security")  # node-local caches of what a restore decodes from the images
+USED = "used"  # <seal_dir>/<scope>/<id>.used.json: when this node last restored it (gc --budget, LRU)
 MAX_METADATA = 16 * 1024 * 1024
 
 
@@ -359,6 +360,41 @@ class Store:
         except (OSError, ValueError):
             return None
 
+    # -- use (gc --budget) -------------------------------------------------------
+    def mark_used(self, cid: str) -> None:
+        """Record that this node restored `cid` now (node-local, beside the seal); never fails a restore."""
+        try:
+            p = self.seal_dir / f"{validate_id(cid)}.{USED}.json"
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            os.close(fd)
+            os.utime(p)
+        except (OSError, ValueError):
+            pass
+
+    def last_used(self, cid: str) -> float:
+        """When this node last restored `cid`, else when it was published here."""
+        for p in (self.seal_dir / f"{cid}.{USED}.json", self.path(cid) / MARKER):
+            try:
+                return p.lstat().st_mtime
+            except OSError:
+                continue
+        return 0.0
+
+    def bytes_used(self, cid: str) -> int:
+        """Bytes of the checkpoint's files (links not followed)."""
+        total, stack = 0, [self.path(cid)]
+        while stack:
+            try:
+                with os.scandir(stack.pop()) as it:
+                    for e in it:
+                        if e.is_dir(follow_symlinks=False):
+                            stack.append(Path(e.path))
+                        else:
+                            total += e.stat(follow_symlinks=False).st_size
+            except OSError:
+                continue
+        return total
+
     def clear_quarantine(self, cid: str, owner: str | None = None) -> None:
         self._qpath(cid, owner).unlink(missing_ok=True)
 
@@ -420,10 +456,38 @@ class Store:
 
 
 def _seal_owner(name: str) -> str:
-    """The checkpoint id of a seal-dir file: <id>.json or <id>.<derived>.json (ids may hold dots)."""
+    """The checkpoint id of a seal-dir file: <id>.json or <id>.<derived|used>.json (ids may hold dots)."""
     stem = name.removesuffix(".json")
     base, _, kind = stem.rpartition(".")
-    return base if kind in DERIVED else stem
+    return base if kind in DERIVED or kind == USED else stem
+
+
+@dataclass(frozen=True)
+class Eviction:
+    evicted: list[str]   # "<scope>/<id>", least recently used first
+    busy: list[str]      # over budget but in use (a restore or dump holds its lock): kept
+    total_bytes: int     # what the store holds afterwards
+
+
+def evict_to_budget(settings: Settings, budget_bytes: int) -> Eviction:
+    """Remove the least recently used complete checkpoints, over all scopes, until the store holds at most
+    budget_bytes; one in use is skipped, never waited for (the node agent runs this on a timer)."""
+    entries = []
+    for scope in Store.scopes(settings):
+        s = Store(settings, scope)
+        entries += [(s.last_used(cid), scope, cid, s.bytes_used(cid)) for cid in s.ids() if s.exists(cid)]
+    total = sum(e[3] for e in entries)
+    evicted, busy = [], []
+    for _, scope, cid, size in sorted(entries):
+        if total <= budget_bytes:
+            break
+        try:
+            if Store(settings, scope).remove(cid):
+                evicted.append(f"{scope}/{cid}")
+                total -= size
+        except CheckpointError:
+            busy.append(f"{scope}/{cid}")
+    return Eviction(evicted, busy, total)
 
 
 def locate(settings: Settings, scope: str, cid: str) -> Store | None:

@@ -16,6 +16,7 @@ COMMANDS = {
     "push": ("registry", "push a checkpoint to a registry as an OCI image (skopeo)"),
     "pull": ("registry", "pull a checkpoint from a registry into the store"),
     "doctor": ("doctor", "check this node's set-up; one line per check, with fixes"),
+    "agent": ("agent_cmd", "run the node agent: Prometheus metrics, store budget (DaemonSet or systemd)"),
     "demo": ("demo", "run a real cold start, checkpoint and restore, and print the timings"),
     "bench": ("bench", "benchmark restore against cold start and the physical floors"),
 }

@@ -7,7 +7,7 @@ import sys
 
 from .. import config, identity
 from ..ids import validate_id
-from ..store import CheckpointError, Store
+from ..store import CheckpointError, Store, evict_to_budget
 from .. import trust
 from ..trust import LOCAL_SCOPE
 
@@ -128,6 +128,9 @@ def run_remove(args: argparse.Namespace) -> int:
 def add_gc_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-age", type=float, default=3600.0,
                    help="only reap temp dirs older than this many seconds (default 3600; locks are checked anyway)")
+    p.add_argument("--budget", type=config.parse_bytes, metavar="BYTES",
+                   help="then evict the least recently restored checkpoints until the store holds at most "
+                        "BYTES (e.g. 200G; a checkpoint in use is kept)")
 
 
 def run_gc(args: argparse.Namespace) -> int:
@@ -136,6 +139,13 @@ def run_gc(args: argparse.Namespace) -> int:
     for r in removed:
         print(f"removed {r}")
     print(f"gc: {len(removed)} removed")
+    if args.budget is not None:
+        ev = evict_to_budget(settings, args.budget)
+        for r in ev.evicted:
+            print(f"evicted {r}")
+        for r in ev.busy:
+            print(f"kept {r}: in use")
+        print(f"gc: {len(ev.evicted)} evicted; the store holds {ev.total_bytes} bytes (budget {args.budget})")
     return 0
 
 
