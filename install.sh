@@ -329,7 +329,7 @@ step_python() {
     local tmp
     tmp="$(mktemp -d)"
     tar -C "$REPO_DIR" --exclude=.git --exclude=__pycache__ --exclude='*.egg-info' \
-        --exclude=./build --exclude=./tests --exclude=./benchmarks -cf - . | tar -C "$tmp" -xf -
+        --exclude=./build --exclude=./tests --exclude=./benchmarks --exclude=./.gpucarry -cf - . | tar -C "$tmp" -xf -
     if ! "${pip[@]}" --upgrade --force-reinstall --no-deps "$tmp" >"$CACHE/pip.log" 2>&1 \
        || ! "${pip[@]}" "$tmp[test,bench]" >>"$CACHE/pip.log" 2>&1; then
       tail -n 30 "$CACHE/pip.log" >&2

@@ -1,11 +1,14 @@
 """CUDA state of a container's processes, through the driver's checkpoint API (libcuda.so.1, ctypes).
 
-Around `runc checkpoint`: lock → checkpoint every process of the container that
-holds CUDA state (the driver moves its GPU memory into host memory and releases
-every /dev/nvidia* fd and mapping, so CRIU sees a plain process).  After
-`runc restore`: restore → unlock each, found again by host PID in the restored
-container (host PIDs change on restore).  Called from a separate process (the
-runtime); no cuInit is needed in the caller (benchmarks/gpu_results.md, tests/gpu/).
+Around `runc checkpoint`: lock every process of the container that holds CUDA
+state, then checkpoint each (the driver moves its GPU memory into host memory and
+releases every /dev/nvidia* fd and mapping, so CRIU sees a plain process).  After
+`runc restore`: restore every one, then unlock every one, found again by host PID
+in the restored container (host PIDs change on restore).  All-then-all both ways:
+no process runs CUDA work while a peer's GPU state is away, so none can enter a
+collective (an NCCL all-reduce, a CUDA IPC read) whose other side is not there.
+Called from a separate process (the runtime); no cuInit is needed in the caller
+(benchmarks/gpu_results.md, tests/gpu/).
 
 Nothing here runs for a container without an /dev/nvidia* device in its spec,
 and nothing is loaded when libcuda is absent: zero cost for CPU containers.
@@ -142,6 +145,7 @@ class CudaSession:
     pids: list[int] = field(default_factory=list)        # CUDA processes found (host PIDs)
     locked: list[int] = field(default_factory=list)
     checkpointed: list[int] = field(default_factory=list)
+    restored: list[int] = field(default_factory=list)     # after `runc restore`: GPU state back, still locked
     timings: dict[str, float] = field(default_factory=dict)
 
     def metadata(self) -> dict[str, Any]:
@@ -202,23 +206,34 @@ def undo(drv: Driver, s: CudaSession) -> list[str]:
     return errors
 
 
-def restore_pids(drv: Driver, pids: list[int], gpu_pairs: list[tuple[str, str]] | None = None) -> CudaSession:
-    """After `runc restore`: restore + unlock every process the driver reports as checkpointed."""
+def restore_pids(drv: Driver, pids: list[int], gpu_pairs: list[tuple[str, str]] | None = None,
+                 expected: int | None = None) -> CudaSession:
+    """After `runc restore`: restore every process the driver reports as checkpointed, then unlock them all.
+
+    A process unlocked while a peer is still checkpointed could start a collective whose other side
+    has no GPU memory yet (a hang, or a read of garbage); once all are restored, the order of the
+    unlocks does not matter (a locked process waits at the driver, not on a peer).  `expected` (the
+    dump's count) is checked before anything is restored.  If a restore fails nothing is unlocked and
+    CudaError is raised: the caller removes the restored container, none of its processes ran.
+    """
     s = CudaSession()
+    states: dict[int, int] = {}
     for pid in pids:
         try:
             st = drv.state(pid)
         except CudaError:
             continue  # not a CUDA process
-        if st == CHECKPOINTED:
-            s.pids.append(pid)
+        if st in (CHECKPOINTED, LOCKED):
+            states[pid] = st
+    s.pids = list(states)
+    if expected is not None and len(s.pids) != expected:
+        raise RuntimeError(f"checkpoint holds {expected} CUDA process(es); {len(s.pids)} found in the restored container")
+    for pid in s.pids:
+        if states[pid] == CHECKPOINTED:
             _timed(s.timings, "cuda_restore", lambda: drv.restore(pid, gpu_pairs))
-            s.checkpointed.append(pid)
-            st = LOCKED
-        if st == LOCKED:
-            if pid not in s.pids:
-                s.pids.append(pid)
-            _timed(s.timings, "cuda_unlock", lambda: drv.unlock(pid))
+            s.restored.append(pid)
+    for pid in s.pids:
+        _timed(s.timings, "cuda_unlock", lambda: drv.unlock(pid))
     return s
 
 
@@ -245,15 +260,11 @@ def checkpoint_container(runc_path: Path, g: runc.GlobalOpts, cid: str,
 
 def restore_container(runc_path: Path, g: runc.GlobalOpts, cid: str, meta: dict[str, Any],
                       gpu_pairs: list[tuple[str, str]] | None = None) -> CudaSession | None:
-    """After `runc restore`: restore + unlock the CUDA processes (new host PIDs, from the restored container)."""
+    """After `runc restore`: restore, then unlock, the CUDA processes (new host PIDs, from the restored container)."""
     dumped = (meta.get("dump") or {}).get("cuda") or {}
     if not dumped.get("processes"):
         return None
     drv = Driver.load()
     if drv is None:
         raise CudaError("dlopen libcuda.so.1", 0, -1, "libcuda not found on this node")
-    s = restore_pids(drv, container_pids(runc_path, g, cid), gpu_pairs)
-    if len(s.pids) != dumped["processes"]:
-        raise RuntimeError(f"checkpoint holds {dumped['processes']} CUDA process(es); "
-                           f"{len(s.pids)} found in the restored container")
-    return s
+    return restore_pids(drv, container_pids(runc_path, g, cid), gpu_pairs, expected=dumped["processes"])

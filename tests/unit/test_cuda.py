@@ -71,6 +71,42 @@ def test_checkpoint_a_process_tree_and_restore(drv):
     assert d.state(100) == cuda.RUNNING and d.state(102) == cuda.RUNNING
 
 
+def calls(d) -> str:
+    return ctypes.c_char_p(ctypes.addressof(ctypes.c_char.in_dll(d.lib, "call_log"))).value.decode()
+
+
+def test_all_are_locked_then_checkpointed_and_all_restored_then_unlocked(drv):
+    """No process may run CUDA work while a peer's GPU state is away (a collective in flight would hang)."""
+    d = drv("100,102,104")
+    cuda.checkpoint_pids(d, [100, 101, 102, 104])
+    assert calls(d) == "lock:100 lock:102 lock:104 checkpoint:100 checkpoint:102 checkpoint:104"
+    d.lib.fake_clear_log()
+    r = cuda.restore_pids(d, [100, 101, 102, 104], expected=3)
+    assert calls(d) == "restore:100 restore:102 restore:104 unlock:100 unlock:102 unlock:104"
+    assert r.pids == r.restored == [100, 102, 104]
+    assert all(d.state(p) == cuda.RUNNING for p in (100, 102, 104))
+
+
+def test_a_failed_restore_unlocks_nothing(drv):
+    d = drv("100,102,104", fail="restore:102")
+    cuda.checkpoint_pids(d, [100, 102, 104])
+    d.lib.fake_clear_log()
+    with pytest.raises(cuda.CudaError, match=r"cuCheckpointProcessRestore\(pid 102\)"):
+        cuda.restore_pids(d, [100, 102, 104])
+    assert "unlock" not in calls(d) and "restore:104" not in calls(d)
+    assert d.state(100) == cuda.LOCKED, "restored but held: the caller removes the container, nothing ran"
+    assert d.state(102) == d.state(104) == cuda.CHECKPOINTED
+
+
+def test_a_missing_process_is_found_before_anything_is_restored(drv):
+    d = drv("100,102")
+    cuda.checkpoint_pids(d, [100, 102])
+    d.lib.fake_clear_log()
+    with pytest.raises(RuntimeError, match=r"holds 3 CUDA process\(es\); 2 found"):
+        cuda.restore_pids(d, [100, 102], expected=3)
+    assert calls(d) == "" and d.state(100) == d.state(102) == cuda.CHECKPOINTED
+
+
 def test_error_names_come_from_the_driver(drv):
     d = drv()
     with pytest.raises(cuda.CudaError) as e:

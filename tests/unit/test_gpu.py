@@ -42,3 +42,27 @@ def test_same_model_other_device_is_remapped():
 def test_node_inventory_without_nvml(monkeypatch):
     monkeypatch.setenv("WARMSTART_LIBNVML", "/nonexistent/libnvidia-ml.so.1")
     assert gpu.node_inventory() is None
+
+
+INV4 = {**INV, "devices": [{"index": i, "minor": i, "name": H100, "uuid": f"GPU-{i}{i}{i}{i}{i}{i}{i}{i}-0000-0000-0000-000000000000"}
+                           for i in range(4)]}
+
+
+def test_multi_gpu_refusals_name_what_differs():
+    """A TP=2 checkpoint: refused (before CRIU) when the count, a model or the driver differs."""
+    old = gpu.for_container(INV4, spec(0, 1))
+    assert gpu.incompatibility(old, gpu.for_container(INV4, spec(2))) == \
+        "checkpoint used 2 GPU(s), the restoring container sees 1"
+    mixed = {**INV4, "devices": [*INV4["devices"][:3], dict(INV4["devices"][3], name="NVIDIA H200")]}
+    assert gpu.incompatibility(old, gpu.for_container(mixed, spec(2, 3))) == \
+        f"GPU models differ: checkpoint {[H100, H100]}, here {[H100, 'NVIDIA H200']}"
+    newer = {**INV4, "driver_version": "590.1"}
+    assert gpu.incompatibility(old, gpu.for_container(newer, spec(0))) == \
+        "checkpoint made with NVIDIA driver 580.159.04, node has 590.1", "the driver is named first, before the count"
+
+
+def test_multi_gpu_remap_pairs_in_device_order():
+    old, new = gpu.for_container(INV4, spec(0, 1)), gpu.for_container(INV4, spec(3, 2))
+    assert gpu.incompatibility(old, new) is None
+    u = [d["uuid"] for d in INV4["devices"]]
+    assert gpu.gpu_pairs(old, new) == [(u[0], u[2]), (u[1], u[3])]
