@@ -57,8 +57,10 @@ tar -C "$REPO" --exclude=.git --exclude=__pycache__ --exclude='*.egg-info' --exc
   --no-build-isolation "$src" || die "pip install of the repo failed"
 rm -rf "$src"
 # install.sh's own runtime step: warmstart-runtime (launch.py with the venv's '-IS' shebang), the links
-WARMSTART_VENV="$VENV" WARMSTART_BIN_DIR="$BIN" WARMSTART_CACHE="$WS/cache" bash "$REPO/install.sh" --only runtime \
-  || die "install.sh --only runtime failed"
+# and its config step: /etc/warmstart/config.toml, the store/seal/state/log dirs, the node's signing key
+# (every published checkpoint is signed; without the key a dump fails at publish)
+WARMSTART_VENV="$VENV" WARMSTART_BIN_DIR="$BIN" WARMSTART_CACHE="$WS/cache" WARMSTART_ETC="$R/etc/warmstart" \
+  bash "$REPO/install.sh" --only runtime,config || die "install.sh --only runtime,config failed"
 
 # -- what is there ---------------------------------------------------------------------------------
 echo "== versions"
