@@ -17,6 +17,7 @@ from typing import Any
 
 DEVICES = ("nvidia0", "nvidiactl", "nvidia-uvm", "nvidia-uvm-tools")
 STD_DEVICES = ("null", "zero", "urandom", "random", "full", "tty")
+IMAGE_MTIME = 1_700_000_000  # what this module writes into a rootfs gets one mtime, as a layer's tar gives
 ENV = ["LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/lib/x86_64-linux-gnu",
        # multicast can take a shared host's GPUs out of service: off everywhere (the device notes)
        "NCCL_NVLS_ENABLE=0", "TORCH_SYMM_MEM_DISABLE_MULTICAST=1", "NVSHMEM_DISABLE_NVLS=1"]
@@ -38,7 +39,8 @@ def host_mounts(prefixes: tuple[str, ...], mountinfo: str | None = None) -> list
 
 def python_prefixes(python: str) -> tuple[str, ...]:
     """Host dirs a container needs bound to run `python`: /usr, its venv, the interpreter it links to."""
-    venv_root = str(Path(python).parents[1]) if "/.venv/" in python or "/venv/" in python else None
+    root = Path(python).parents[1]
+    venv_root = str(root) if (root / "pyvenv.cfg").exists() or "/.venv/" in python or "/venv/" in python else None
     real_root = str(Path(os.path.realpath(python)).parents[1])
     return tuple(dict.fromkeys(("/usr", venv_root or "/usr", "/usr/local/nvidia",
                                 real_root if not real_root.startswith("/usr") else "/usr")))
@@ -84,6 +86,16 @@ def add_gpu(cfg: dict[str, Any], rootfs: Path, python: str, hook: Path, hook_fmt
     procfile = "/proc/driver/nvidia/params" if Path("/proc/driver/nvidia/params").exists() else "/proc/version"
     cfg["hooks"] = {"createContainer": [{"path": str(hook), "args": [hook.name, str(rootfs), hook_fmt, procfile],
                                          "timeout": 10}]}
+    pin_mtimes(rootfs)
+
+
+def pin_mtimes(rootfs: Path) -> None:
+    """One mtime for every file of the rootfs: a restore is refused when the image's fingerprint (which
+    holds file mtimes, runtime/image_id.py) differs from the checkpoint's, and each container's copies
+    and mount targets are written anew."""
+    for dirpath, _dirs, files in os.walk(rootfs):
+        for name in files:
+            os.utime(Path(dirpath) / name, (IMAGE_MTIME, IMAGE_MTIME), follow_symlinks=False)
 
 
 def bind_file(cfg: dict[str, Any], rootfs: Path, source: Path, destination: str) -> None:
@@ -91,5 +103,6 @@ def bind_file(cfg: dict[str, Any], rootfs: Path, source: Path, destination: str)
     target = rootfs / destination.lstrip("/")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.touch()
+    os.utime(target, (IMAGE_MTIME, IMAGE_MTIME))
     cfg["mounts"].append({"destination": destination, "type": "bind", "source": str(source),
                           "options": ["bind", "ro"]})
