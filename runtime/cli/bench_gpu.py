@@ -635,6 +635,20 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def plot_with(python: str, results: dict[str, Any], path: Path) -> bool:
+    """plot() in another interpreter (the worker's has matplotlib where warmstart's venv may not); this
+    package's modules import only the standard library, so a link to it is all that one needs."""
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "warmstart").symlink_to(Path(__file__).resolve().parents[1])
+        (Path(d) / "results.json").write_text(json.dumps(results, default=str))
+        code = ("import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+                "from warmstart.cli.bench_gpu import plot; "
+                "sys.exit(0 if plot(json.loads(Path(sys.argv[1], 'results.json').read_text()), Path(sys.argv[2])) "
+                "else 3)")
+        p = subprocess.run([python, "-I", "-c", code, d, str(path)], capture_output=True, text=True, timeout=120)
+    return p.returncode == 0
+
+
 def gpu_name() -> str:
     p = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
                        capture_output=True, text=True) if shutil.which("nvidia-smi") else None
@@ -679,12 +693,6 @@ def run(args: argparse.Namespace) -> int:
         for msg in problems:
             print(f"warmstart bench --gpu: {msg}", file=sys.stderr)
         return 2
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401, PLC0415
-        except ImportError:
-            bench.say("matplotlib not importable: no plot")
-            args.plot = None
     from .. import config as wconfig  # noqa: PLC0415
     criu = str(wconfig.load().criu)
     base = Path(tempfile.mkdtemp(prefix="warmstart-gpubench-", dir=args.workdir))
@@ -703,8 +711,11 @@ def run(args: argparse.Namespace) -> int:
         if args.json_out:
             args.json_out.write_text(json.dumps(results, indent=1, default=str))
             bench.say(f"results written to {args.json_out}")
-        if args.plot and plot(results, args.plot):
-            bench.say(f"plot written to {args.plot}")
+        if args.plot:
+            if plot(results, args.plot) or plot_with(python, results, args.plot):
+                bench.say(f"plot written to {args.plot}")
+            else:
+                bench.say("no plot: matplotlib is importable neither here nor in the worker's python")
         return 0 if all(not v.notes for v in gb.variants.values()) else 1
     except KeyboardInterrupt:
         bench.say("interrupted; cleaning up")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -146,6 +147,17 @@ def test_results_table_json_and_plot(tmp_path):
         assert not bench_gpu.plot(res, tmp_path / "p.png")
     else:
         assert bench_gpu.plot(res, tmp_path / "p.png") and (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_plot_in_another_interpreter(tmp_path):
+    gb = bench_gpu.GpuBench.__new__(bench_gpu.GpuBench)
+    gb.variants, gb.batch_sizes = {"sleep": _variant()}, [1]
+    a = args("--preset", "tiny", "--variants", "sleep", "--caches", "warm")
+    a.pause = 1.0
+    res = json.loads(json.dumps(bench_gpu.collect(gb, bench_gpu.make_plan(a), a, {}, 1.0)))
+    has_mpl = subprocess.run([sys.executable, "-c", "import matplotlib"]).returncode == 0
+    assert bench_gpu.plot_with(sys.executable, res, tmp_path / "p.png") == has_mpl
+    assert (tmp_path / "p.png").exists() == has_mpl
 
 
 def test_drain_keeps_the_tail_of_a_workers_output():
