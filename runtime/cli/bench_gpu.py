@@ -469,7 +469,8 @@ class GpuBench:
             v.add("h2d_pageable_s", h["pageable_s"])
         v.add("write_fdatasync_s", bench.write_floor(files, self.node.base / "dd.out"))
 
-    def run(self) -> None:
+    def run(self, progress: Callable[[], None] = lambda: None) -> None:
+        """Cold starts, then the rounds; `progress` after each step (partial results survive a time limit)."""
         for name in self.plan.variants:
             v = Variant(name, bench.free_port(), f"gpubench-{name}-{secrets.token_hex(3)}")
             self.variants[name] = v
@@ -478,6 +479,7 @@ class GpuBench:
             bench.say(f"{name}: cold start → first generation {v.samples['cold_first_gen_s'][-1]:.1f}s, "
                       f"dump {v.samples['dump_s'][-1]:.1f}s, image {v.image_bytes / 1e9:.2f} GB "
                       f"(step {time.monotonic() - t:.0f}s)")
+            progress()
         steps: list[tuple[str, Callable[[], None]]] = []
         for v in self.variants.values():
             steps += [(f"restore {v.name}/{c}", (lambda v=v, c=c: self.restore(v, c))) for c in self.plan.caches]
@@ -495,6 +497,7 @@ class GpuBench:
                     bench.say(f"  {label} failed: {e}")
                 bench.say(f"  rep {rep + 1}/{self.plan.reps} {label}: {time.monotonic() - t:.1f}s"
                           + latest(self.variants, label))
+                progress()
                 time.sleep(self.args.pause)
 
 
@@ -702,8 +705,13 @@ def run(args: argparse.Namespace) -> int:
     gb = GpuBench(node, args, python, plan)
     machine = {**bench.machine(criu), "gpu": gpu_name(), "python": python}
     t0 = time.monotonic()
+
+    def partial() -> None:
+        if args.json_out:
+            args.json_out.write_text(json.dumps({**collect(gb, plan, args, machine, time.monotonic() - t0),
+                                                 "partial": True}, indent=1, default=str))
     try:
-        gb.run()
+        gb.run(partial)
         results = collect(gb, plan, args, machine, time.monotonic() - t0)
         print()
         print(table(results))
