@@ -54,10 +54,10 @@ WORKER = ["/usr/bin/python3", "-u", "/opt/warmstart/refworker.py"]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default="1024,4096", help="worker state sizes in MiB, comma-separated (default 1024,4096)")
-    p.add_argument("--reps", type=int, default=5, help="repetitions of each restore round (default 5)")
+    p.add_argument("--reps", type=int, help="repetitions of each restore round (default 5; --gpu: 2)")
     p.add_argument("--cold-reps", type=int, default=2, help="cold starts (each followed by a dump) per size (default 2)")
     p.add_argument("--rounds", type=int, default=1, help="worker hash-chain rounds: the cold-start CPU work (default 1)")
-    p.add_argument("--pause", type=float, default=2.0, help="fixed pause between measurements, seconds (default 2)")
+    p.add_argument("--pause", type=float, help="fixed pause between measurements, seconds (default 2; --gpu: 1)")
     p.add_argument("--passthrough-reps", type=int, default=20, help="pass-through rounds (default 20; 0 skips)")
     p.add_argument("--hook-reps", type=int, default=20,
                    help="runs of the injected OCI hook, timed alone (default 20; 0 skips)")
@@ -69,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", type=Path, default=RUNTIME, help="warmstart-runtime to measure")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"), help="where checkpoints and bundles go (disk)")
     p.add_argument("--keep", action="store_true", help="keep the work dir")
+    from . import bench_gpu  # noqa: PLC0415 - bench_gpu builds on this module
+
+    bench_gpu.add_arguments(p)
 
 
 def say(msg: str, _t0: list[float] = [time.monotonic()]) -> None:  # noqa: B006 - a start time, on purpose
@@ -167,8 +170,13 @@ class Box:
 
 
 class Node:
-    def __init__(self, base: Path, lower: Path, runtime: Path, criu: str):
+    """A private warmstart node; `copy_rootfs` copies `lower` per container instead of an overlay, and `edit`
+    changes each container's spec before it is written (the GPU bench's devices and binds)."""
+
+    def __init__(self, base: Path, lower: Path, runtime: Path, criu: str, copy_rootfs: bool = False,
+                 edit: Callable[[dict[str, Any], Path], None] | None = None):
         self.base, self.lower, self.runtime, self.criu = base, lower, runtime, criu
+        self.copy_rootfs, self.edit = copy_rootfs, edit
         self.runc_root = base / "runc-root"
         self.config = base / "config.toml"
         self.store = base / "store" / "_local"  # containers outside Kubernetes: the _local scope
@@ -186,13 +194,20 @@ class Node:
     def new(self, name: str, args: list[str], annotations: dict[str, str]) -> Box:
         cid = f"{name}-{secrets.token_hex(3)}"
         b = Box(cid, self.base / "bundles" / cid)
-        for d in ("rootfs", "upper", "work"):
-            (b.bundle / d).mkdir(parents=True)
-        _run(["mount", "-t", "overlay", "overlay", "-o",
-              f"lowerdir={self.lower},upperdir={b.bundle / 'upper'},workdir={b.bundle / 'work'}",
-              str(b.bundle / "rootfs")])
-        b.mounted = True
-        (b.bundle / "config.json").write_text(json.dumps(spec(args, annotations, f"/warmstart-bench/{cid}")))
+        if self.copy_rootfs:
+            b.bundle.mkdir(parents=True)
+            shutil.copytree(self.lower, b.bundle / "rootfs", symlinks=True)
+        else:
+            for d in ("rootfs", "upper", "work"):
+                (b.bundle / d).mkdir(parents=True)
+            _run(["mount", "-t", "overlay", "overlay", "-o",
+                  f"lowerdir={self.lower},upperdir={b.bundle / 'upper'},workdir={b.bundle / 'work'}",
+                  str(b.bundle / "rootfs")])
+            b.mounted = True
+        cfg = spec(args, annotations, f"/warmstart-bench/{cid}")
+        if self.edit:
+            self.edit(cfg, b.bundle / "rootfs")
+        (b.bundle / "config.json").write_text(json.dumps(cfg))
         self.boxes.append(b)
         return b
 
@@ -263,9 +278,9 @@ def _tail(p: Path) -> str:
         return ""
 
 
-def http(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+def http(port: int, path: str, timeout: float = 5.0, method: str = "GET") -> tuple[int, bytes]:
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        s.sendall(f"{method} {path} HTTP/1.0\r\nContent-Length: 0\r\n\r\n".encode())
         data = b""
         while True:
             chunk = s.recv(65536)
@@ -846,6 +861,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.gpu:
+        from . import bench_gpu  # noqa: PLC0415
+
+        return bench_gpu.run(args)
+    args.reps = 5 if args.reps is None else args.reps
+    args.pause = 2.0 if args.pause is None else args.pause
     if not ready_to_run("bench", args.runtime, "runc, CRIU, podman, mounts"):
         return 2
     if args.plot:
