@@ -83,10 +83,12 @@ class Settings:
     secret_env_patterns: tuple[str, ...] = field(
         default=("*TOKEN*", "*SECRET*", "*PASSWORD*", "*PASSWD*", "*KEY*", "*CREDENTIAL*", "*AUTH*"))
     registry: RegistrySettings = RegistrySettings()
+    # The file these settings were loaded from (not a config key): what a detached helper loads again.
+    source: Path | None = field(default=None, compare=False)
 
     @property
     def config_source(self) -> str:
-        return os.environ.get("WARMSTART_CONFIG") or str(DEFAULT_CONFIG)
+        return str(self.source) if self.source else os.environ.get("WARMSTART_CONFIG") or str(DEFAULT_CONFIG)
 
 
 _PATH_KEYS = {"store", "seal_dir", "state_dir", "log_dir", "runc", "criu", "signing_key"}
@@ -105,7 +107,8 @@ def load(path: Path | None = None) -> Settings:
         raw = {}
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{path}: cannot parse config ({e}); fix the TOML syntax") from e
-    known = {f.name for f in fields(Settings)}
+    known = {f.name for f in fields(Settings)} - {"source"}
+    values["source"] = path
     for key, val in raw.items():
         if key not in known:
             raise ConfigError(f"{path}: unknown key {key!r}; valid keys: {', '.join(sorted(known))}")

@@ -24,9 +24,10 @@ from .config import RegistrySettings, Settings
 from .store import Store
 
 SKOPEO = "skopeo"
-# skopeo's line for a blob the registry already had (anything else "Copying blob" is a transfer)
-_SKIPPED = re.compile(r"Copying blob (sha256:[0-9a-f]{64}|[0-9a-f]{12}).*skipped")
-_COPIED = re.compile(r"Copying blob (sha256:[0-9a-f]{64}|[0-9a-f]{12})")
+# skopeo's lines for each layer blob, and (--debug) for one the destination already has
+_BLOB = re.compile(r"^Copying blob sha256:[0-9a-f]{64}")
+_SKIPPED = re.compile(r'level=debug msg="Skipping blob sha256:[0-9a-f]{64} \(already present\)')
+_FATAL = re.compile(r'level=fatal msg="(.*)"\s*$')
 
 
 @dataclass(frozen=True)
@@ -72,23 +73,24 @@ def skopeo_copy(src: str, dst: str, extra: list[str], max_file_bytes: int | None
     cap = None if max_file_bytes is None else (
         lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes)))
     t0 = time.monotonic()
-    p = subprocess.Popen([SKOPEO, "copy", *extra, src, dst], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    p = subprocess.Popen([SKOPEO, "--debug", "copy", *extra, src, dst], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          stdin=subprocess.DEVNULL, text=True, preexec_fn=cap)
     timer = threading.Timer(timeout_s, p.kill) if timeout_s else None
     if timer:
         timer.daemon = True
         timer.start()
     tail: list[str] = []
-    sent = skipped = 0
+    blobs = skipped = 0
     try:
         for line in p.stdout:  # type: ignore[union-attr]
+            if "level=debug" in line:  # --debug is there only to tell sent blobs from skipped ones
+                skipped += bool(_SKIPPED.search(line))
+                continue
             if echo:
                 print(line.rstrip(), file=sys.stderr, flush=True)
-            if _SKIPPED.search(line):
-                skipped += 1
-            elif _COPIED.search(line):
-                sent += 1
-            tail = (tail + [line.strip()])[-8:]
+            blobs += bool(_BLOB.match(line))
+            fatal = _FATAL.search(line)
+            tail = [fatal.group(1)] if fatal else (tail + [line.strip()])[-4:]
         rc = p.wait()
     finally:
         if timer:
@@ -96,7 +98,7 @@ def skopeo_copy(src: str, dst: str, extra: list[str], max_file_bytes: int | None
     if rc != 0:
         why = f"killed after {timeout_s:.0f}s" if timer and rc < 0 else " ".join(tail)[-500:]
         raise oci.OciError(f"skopeo copy {src} {dst} failed: {why}")
-    return Copied(sent, skipped, time.monotonic() - t0)
+    return Copied(blobs - skipped, skipped, time.monotonic() - t0)
 
 
 def check_remote(ref: str, remote: Remote, limit: int, expect_id: str | None,
