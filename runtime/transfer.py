@@ -27,7 +27,7 @@ SKOPEO = "skopeo"
 # skopeo's lines for each layer blob, and (--debug) for one the destination already has
 _BLOB = re.compile(r"^Copying blob sha256:[0-9a-f]{64}")
 _SKIPPED = re.compile(r'level=debug msg="Skipping blob sha256:[0-9a-f]{64} \(already present\)')
-_FATAL = re.compile(r'level=fatal msg="(.*)"\s*$')
+_FATAL = re.compile(r'level=fatal msg="(.*)"\s*$', re.M)
 
 
 @dataclass(frozen=True)
@@ -114,8 +114,9 @@ def check_remote(ref: str, remote: Remote, limit: int, expect_id: str | None,
     except subprocess.TimeoutExpired:
         raise oci.OciError(f"skopeo inspect {ref}: no answer from the registry in {timeout_s:.0f}s") from None
     if p.returncode != 0:
-        raise oci.OciError(f"skopeo inspect {ref} failed: "
-                           f"{' '.join(p.stderr.decode(errors='replace').split())[-500:]}")
+        err = p.stderr.decode(errors="replace")
+        fatal = _FATAL.search(err)
+        raise oci.OciError(f"skopeo inspect {ref} failed: {fatal.group(1) if fatal else ' '.join(err.split())[-500:]}")
     if len(p.stdout) > oci.MAX_MANIFEST:
         raise oci.OciError(f"the manifest is {len(p.stdout)} bytes, over the {oci.MAX_MANIFEST}-byte limit")
     try:

@@ -156,3 +156,106 @@ def test_a_second_dump_of_the_same_worker_sends_only_the_changed_chunks(nodes, r
     assert sent == len(changed) + 2, out
     assert len(changed) <= len(chunks2) // 4, f"{len(changed)} of {len(chunks2)} chunks changed"
     assert f"({len(changed) + 1} blobs sent" in out, out  # skopeo's count agrees: the chunks and the files layer
+
+
+@pytest.fixture(scope="module")
+def pushed(tmp_path_factory, reg):
+    """Checkpoint "carried" of node A's worker, pushed by push_in_background: (node A, its last answer)."""
+    shim.become_subreaper()
+    a = fleet_node(tmp_path_factory.mktemp("node-a"), f"{reg.addr}/fleet")
+    got = dump(a, "src", "carried")
+    t0 = time.monotonic()
+    assert fleet.push_in_background(config.load(a.config), "_local", "carried")
+    assert time.monotonic() - t0 < 0.5  # detached: the caller never waits for the push
+    wait_for(lambda: fleet_lines(a))
+    (line,) = fleet_lines(a)
+    assert line["msg"].startswith(f"pushed to {reg.addr}/fleet:_local.carried"), line
+    print(f"\nbackground push: {line['msg']}")
+    yield a, got
+    a.cleanup()
+
+
+def test_pull_on_miss_then_restore_on_another_node(nodes, pushed):
+    _, before = pushed
+    b = nodes()
+    settings = config.load(b.config)
+    t0 = time.monotonic()
+    assert fleet.pull_on_miss(settings, "_local", "carried", 60)
+    pull_s = time.monotonic() - t0
+    (line,) = fleet_lines(b)
+    assert line["msg"].startswith("pulled ") and "verified and sealed" in line["msg"], line
+    c = b.container("dst", {**ANN, "warmstart.dev/id": "carried"}, ["python3", "/workload.py", str(BUF)])
+    c.create()
+    c.start()
+    got = c.ask()
+    assert (got["random"], got["counter"]) == (before["random"], before["counter"] + 1)
+    print(f"\npull_on_miss: {pull_s:.2f}s ({line['msg']})")
+
+
+def test_concurrent_misses_on_a_node_share_one_pull(nodes, pushed):
+    b = nodes()
+    settings = config.load(b.config)
+    results: list[bool] = []
+    threads = [threading.Thread(target=lambda: results.append(fleet.pull_on_miss(settings, "_local", "carried", 60)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [True] * 3
+    assert [r["msg"].split()[0] for r in fleet_lines(b)] == ["pulled"]  # one pull, one line
+
+
+def test_past_the_deadline_cold_and_the_next_container_finds_it(nodes, pushed):
+    b = nodes()
+    settings = config.load(b.config)
+    assert not fleet.pull_on_miss(settings, "_local", "carried", 0.05)
+    assert "not finished after 0.05s" in fleet_lines(b)[0]["msg"]
+    wait_for(lambda: len(fleet_lines(b)) == 2)
+    assert fleet_lines(b)[1]["msg"].startswith("pulled ")
+    assert fleet.pull_on_miss(settings, "_local", "carried", 1)
+
+
+def tamper(reg: Registry, ref: str) -> str:
+    """Flip a byte of the image's first page chunk in the registry's storage: it now serves a blob
+    that does not match its digest."""
+    digest = reg.manifest(ref)["layers"][1]["digest"]
+    p = reg.blob(digest)
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(data)
+    return digest
+
+
+BAD = {
+    "registry-down": (lambda reg, a: ("127.0.0.1:9/fleet", "_local", "carried"), "connection refused"),
+    "404": (lambda reg, a: (None, "_local", "never-pushed"), "manifest unknown"),  # the registry's 404
+    "other-namespace": (lambda reg, a: (None, "tenant-a", "carried"),
+                        "holds a checkpoint of namespace '_local', not 'tenant-a'"),
+    "tampered-blob": (lambda reg, a: (None, "_local", "tampered"), "Digest did not match"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_a_bad_registry_answer_is_a_cold_start_with_one_line(nodes, reg, pushed, case):
+    a, _ = pushed
+    make, needle = BAD[case]
+    repository, scope, cid = make(reg, a)
+    src = f"{reg.addr}/fleet:_local.carried"
+    if case == "other-namespace":  # someone re-tags namespace _local's image as tenant-a's
+        subprocess.run(["skopeo", "copy", "--quiet", "--src-tls-verify=false", "--dest-tls-verify=false",
+                        f"docker://{src}", f"docker://{reg.addr}/fleet:tenant-a.carried"], check=True)
+    if case == "tampered-blob":
+        dump(a, "tampered", "tampered")
+        ws(a, "push", "tampered")
+        tamper(reg, f"{reg.addr}/fleet:_local.tampered")
+    b = nodes(repository)
+    settings = config.load(b.config)
+    state = store_state(b)
+    assert not fleet.pull_on_miss(settings, scope, cid, 60)
+    lines = fleet_lines(b)
+    assert len(lines) == 1 and lines[0]["level"] == "warning", lines
+    assert "failed" in lines[0]["msg"] and needle in lines[0]["msg"] and "\n" not in lines[0]["msg"], lines
+    assert "store is unchanged" in lines[0]["msg"]
+    assert store_state(b) == state and not (b.store_root / scope / cid).exists()
+    print(f"\n{case}: {lines[0]['msg'][:300]}")
