@@ -117,3 +117,9 @@ def test_registry_bad_values_name_the_key(tmp_path, line, needle):
 def test_registry_must_be_a_table(tmp_path):
     with pytest.raises(ConfigError, match=r"registry must be a table: write it as a \[registry\] section"):
         config.load(write(tmp_path, 'registry = "reg/x"\n'))
+
+
+def test_registry_example_loads():
+    """config/warmstart/registry.toml, the documented example, is a valid config."""
+    example = Path(__file__).resolve().parents[2] / "config" / "warmstart" / "registry.toml"
+    assert config.load(example).registry.repository == "registry.local:5000/warmstart/checkpoints"
