@@ -410,7 +410,7 @@ step_config() {
   if [ ! -f "$ETC/config.toml" ]; then
     cat >"$ETC/config.toml.tmp" <<EOF
 # warmstart node configuration (written by install.sh; edit freely, it is not overwritten).
-# Only top-level keys; the runtime's fast path reads runc and state_dir by a line scan.
+# Top-level keys first, then [registry]; the runtime's fast path reads runc and state_dir by a line scan.
 # Env: WARMSTART_CONFIG points at another file, WARMSTART_STORE overrides store.
 
 criu = "$criu"
@@ -440,6 +440,19 @@ criu = "$criu"
 # Checkpoints every Kubernetes namespace may restore, as "namespace/checkpoint-id" (default: none,
 # a checkpoint restores only into pods of the namespace that made it; _local = outside Kubernetes).
 # shared_checkpoints = []
+
+# Checkpoints between nodes through a registry (docs/fleet.md). Tables come after every top-level key.
+# [registry]
+# repository = "registry.local:5000/warmstart/checkpoints"   # "" = no automatic push/pull
+# auth_file = "$ETC/registry-auth.json"
+# tls_verify = true
+# push = "auto"            # or "off"
+# pull = "on-miss"         # or "prefetch", "off"
+# pull_deadline_s = 30     # create waits this long for a pull, then starts cold
+# cache_budget_bytes = 0   # 0 = no budget
+# chunk_bytes = 134217728  # page images travel in chunks of this size
+# compress = "zstd"        # or "none"
+# compress_level = 1
 EOF
     chmod 0644 "$ETC/config.toml.tmp"
     mv "$ETC/config.toml.tmp" "$ETC/config.toml"

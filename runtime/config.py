@@ -23,6 +23,34 @@ class ConfigError(ValueError):
     """A bad config value; the message names the key and the fix."""
 
 
+# host[:port]/path, the path in the distribution spec's grammar (lowercase components); no tag, no digest.
+_REPOSITORY_RE = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)+")
+MAX_PULL_DEADLINE_S = 110  # kubelet gives StartContainer 2 min (runtimeRequestTimeout)
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    """`[registry]`: where checkpoints travel between nodes (runtime/fleet.py, runtime/transfer.py)."""
+
+    # host[:port]/path of the repository every node pushes to and pulls from; "" = no automatic push/pull.
+    repository: str = ""
+    auth_file: Path | None = None  # registry credentials (skopeo --authfile); None: skopeo's defaults
+    tls_verify: bool = True
+    push: str = "auto"  # auto: push each checkpoint this node makes, in the background; off
+    pull: str = "on-miss"  # on-miss: pull in create when the checkpoint is missing; prefetch; off
+    # Seconds create waits for a pull before starting cold (the pull goes on for the next container).
+    pull_deadline_s: int = 30
+    cache_budget_bytes: int = 0  # most bytes of pulled checkpoints kept on the node (0: no budget)
+    # Page images travel as chunks of this size, one layer each: an unchanged chunk is never re-sent.
+    chunk_bytes: int = 128 << 20
+    compress: str = "zstd"  # zstd or none (docs/fleet.md has the measurements behind the default)
+    compress_level: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.repository)
+
+
 @dataclass(frozen=True)
 class Settings:
     store: Path = Path("/var/lib/warmstart/checkpoints")
@@ -54,10 +82,13 @@ class Settings:
     # Env keys never written to metadata in clear (values are hashed).
     secret_env_patterns: tuple[str, ...] = field(
         default=("*TOKEN*", "*SECRET*", "*PASSWORD*", "*PASSWD*", "*KEY*", "*CREDENTIAL*", "*AUTH*"))
+    registry: RegistrySettings = RegistrySettings()
+    # The file these settings were loaded from (not a config key): what a detached helper loads again.
+    source: Path | None = field(default=None, compare=False)
 
     @property
     def config_source(self) -> str:
-        return os.environ.get("WARMSTART_CONFIG") or str(DEFAULT_CONFIG)
+        return str(self.source) if self.source else os.environ.get("WARMSTART_CONFIG") or str(DEFAULT_CONFIG)
 
 
 _PATH_KEYS = {"store", "seal_dir", "state_dir", "log_dir", "runc", "criu", "signing_key"}
@@ -92,7 +123,8 @@ def load(path: Path | None = None) -> Settings:
         raw = {}
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{path}: cannot parse config ({e}); fix the TOML syntax") from e
-    known = {f.name for f in fields(Settings)}
+    known = {f.name for f in fields(Settings)} - {"source"}
+    values["source"] = path
     for key, val in raw.items():
         if key not in known:
             raise ConfigError(f"{path}: unknown key {key!r}; valid keys: {', '.join(sorted(known))}")
@@ -120,9 +152,52 @@ def load(path: Path | None = None) -> Settings:
             if not isinstance(val, list) or not all(isinstance(v, str) for v in val):
                 raise ConfigError(f"{path}: secret_env_patterns must be a list of glob strings")
             values[key] = tuple(val)
+        elif key == "registry":
+            values[key] = _registry(path, val)
     store_env = os.environ.get("WARMSTART_STORE")
     if store_env:
         if not store_env.startswith("/"):
             raise ConfigError(f"WARMSTART_STORE must be an absolute path, got {store_env!r}")
         values["store"] = Path(store_env)
     return Settings(**values)  # type: ignore[arg-type]
+
+
+_CHOICES = {"push": ("auto", "off"), "pull": ("on-miss", "prefetch", "off"), "compress": ("zstd", "none")}
+# key -> (least, most) for the integer keys of [registry]
+_RANGES = {"pull_deadline_s": (1, MAX_PULL_DEADLINE_S), "cache_budget_bytes": (0, 1 << 62),
+           "chunk_bytes": (1 << 20, 1 << 30), "compress_level": (1, 19)}
+
+
+def _registry(path: Path, raw: object) -> RegistrySettings:
+    """The `[registry]` table, each key checked like the top-level ones."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: registry must be a table: write it as a [registry] section")
+    known = {f.name for f in fields(RegistrySettings)}
+    values: dict[str, object] = {}
+    for key, val in raw.items():
+        name = f"{path}: registry.{key}"
+        if key not in known:
+            raise ConfigError(f"{name}: unknown key; valid keys: {', '.join(sorted(known))}")
+        if key == "repository":
+            if not isinstance(val, str) or not (val == "" or _REPOSITORY_RE.fullmatch(val)) or len(val) > 255:
+                raise ConfigError(f"{name} must be host[:port]/path (lowercase path, no tag), "
+                                  f"e.g. \"registry.local:5000/warmstart/checkpoints\"; got {str(val)[:80]!r}")
+            values[key] = val
+        elif key == "auth_file":
+            if not isinstance(val, str) or not val.startswith("/"):
+                raise ConfigError(f"{name} must be an absolute path string, got {str(val)[:80]!r}")
+            values[key] = Path(val)
+        elif key == "tls_verify":
+            if not isinstance(val, bool):
+                raise ConfigError(f"{name} must be true or false (false only for a plain-HTTP registry), got {val!r}")
+            values[key] = val
+        elif key in _CHOICES:
+            if val not in _CHOICES[key]:
+                raise ConfigError(f"{name} must be one of {', '.join(map(repr, _CHOICES[key]))}, got {str(val)[:80]!r}")
+            values[key] = val
+        else:
+            least, most = _RANGES[key]
+            if not isinstance(val, int) or isinstance(val, bool) or not least <= val <= most:
+                raise ConfigError(f"{name} must be an integer from {least} to {most}, got {str(val)[:80]!r}")
+            values[key] = val
+    return RegistrySettings(**values)  # type: ignore[arg-type]

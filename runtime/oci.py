@@ -1,15 +1,21 @@
 """Checkpoints as OCI images, so any registry can carry them between nodes (skopeo moves them).
 
-An image is one tar layer holding the checkpoint's flat file list (metadata.json and
-checkpoint.done first), a config naming the checkpoint id, and the manifest annotation
-`warmstart.dev/checkpoint-id`. skopeo always compresses layers it uploads to a registry;
-we ask for gzip at level 1 (CRIU pages compress poorly, so speed matters more than ratio),
-and pull accepts plain or gzip tar layers.
-A pulled image is untrusted: its manifest's blob sizes are held to a byte budget before
-anything is downloaded, digests are checked, and the layer is read through one bounded
-stream (_unpack): the checkpoint's own manifest comes first and every later entry must be a
-plain, non-sparse file it names, of exactly its size; then the store runs its full
-verification before the checkpoint is adopted.
+Format 2 (what push writes) is built for size: the first layer is a tar of the small files
+(metadata.json and checkpoint.done first), and every file over SMALL_FILE (page images, above all)
+travels as fixed-size chunks, one layer each, named by their content: a chunk that did not change
+since the last push has the same digest, so the registry already has it and skopeo never sends it
+again.  Layers are zstd-compressed (or not) by us, under warmstart's own media types, so skopeo
+copies them byte for byte (--preserve-digests) and the digests a push computes are the registry's.
+A chunk layer's annotations say which file it belongs to, at which offset, and how many bytes it
+holds once decompressed; the checkpoint id and namespace are manifest annotations.
+Format 1 (one tar or tar+gzip layer, what earlier versions pushed) is still pulled.
+
+A pulled image is untrusted: its manifest's blob and chunk sizes are held to a byte budget and its
+chunk table must tile each file exactly before anything is downloaded; the files layer is read
+through one bounded stream (_unpack): the checkpoint's own manifest comes first and every later
+entry must be a plain, non-sparse file it names, of exactly its size; each chunk is decompressed to
+exactly its size while its digest is computed on the same pass (_assemble); then the store runs its
+full verification (signature included) before the checkpoint is adopted.
 """
 from __future__ import annotations
 
@@ -18,85 +24,203 @@ import hashlib
 import io
 import json
 import os
-import resource
-import subprocess
+import re
 import tarfile
 import time
 import zlib
+from collections import Counter
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable, Iterator
 
 from .ids import validate_id
 from .store import CONTROL_FILES, MARKER, MAX_METADATA, METADATA
 
 ANNOTATION = "warmstart.dev/checkpoint-id"
+NAMESPACE = "warmstart.dev/namespace"  # the scope the checkpoint was made in (its signed metadata decides)
+FORMAT = "warmstart.dev/format"
+CHUNK_FILE, CHUNK_OFFSET, CHUNK_SIZE = "warmstart.dev/file", "warmstart.dev/offset", "warmstart.dev/size"
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar"
-LAYER_TYPES = {LAYER_TYPE: False, LAYER_TYPE + "+gzip": True,  # media type -> gzip-compressed
-               "application/vnd.docker.image.rootfs.diff.tar.gzip": True}
-PUSH_FLAGS = ["--dest-compress-format", "gzip", "--dest-compress-level", "1"]
+FILES_TYPE = "application/vnd.warmstart.checkpoint.files.v2.tar"
+CHUNK_TYPE = "application/vnd.warmstart.checkpoint.chunk.v2"
+# The first layer's media types -> how it is compressed (format 1's tar and gzip layers still pull).
+LAYER_TYPES: dict[str, str | None] = {
+    FILES_TYPE: None, FILES_TYPE + "+zstd": "zstd", LAYER_TYPE: None, LAYER_TYPE + "+gzip": "gzip",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip"}
+CHUNK_TYPES: dict[str, str | None] = {CHUNK_TYPE: None, CHUNK_TYPE + "+zstd": "zstd"}
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 MAX_MANIFEST = 1 << 20
+SMALL_FILE = 1 << 20  # files up to this size go into the files layer; larger ones are chunked
+MAX_CHUNK = 1 << 30  # the most bytes one chunk may decompress to (config chunk_bytes is at most this)
 # The layer's first two entries, read into memory (at most these sizes) before anything is written.
 CONTROL_LIMITS = {METADATA: MAX_METADATA, MARKER: 64 << 10}
 HEADER_ROOM = 64 << 10  # tar bytes allowed between two entries' data: padding, header, pax/long-name records
 READ_BUF = 1 << 20
 MAX_MTIME = 1 << 34  # year 2514; past it (or NaN, inf, 1e300) os.utime fails
-SKOPEO = "skopeo"
+_DECIMAL = re.compile(r"0|[1-9][0-9]{0,18}")
+Progress = Callable[[str, int, int], None]  # (what, bytes done, bytes in all)
 
 
 class OciError(Exception):
     """A checkpoint image that cannot be pushed or adopted; the message says why."""
 
 
-def _blob(layout: Path, data: bytes) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Packing:
+    """How push packs a checkpoint: chunk size and compression ([registry] chunk_bytes, compress)."""
+
+    chunk_bytes: int = 128 << 20
+    compress: str = "zstd"  # or "none"
+    level: int = 1
+
+    @property
+    def suffix(self) -> str:
+        return "+zstd" if self.compress == "zstd" else ""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One chunk layer: bytes [offset, offset+size) of `file`, in blob `digest` (compressed or not)."""
+
+    file: str
+    offset: int
+    size: int
+    digest: str
+    blob_size: int
+    compression: str | None
+
+
+@dataclass(frozen=True)
+class Image:
+    """What a checked manifest promises, before a byte of it is downloaded."""
+
+    cid: str
+    files_layer: dict[str, Any]
+    chunks: tuple[Chunk, ...]
+    blob_bytes: int  # config, files layer and each distinct chunk blob: what the download writes
+
+    @property
+    def chunked(self) -> dict[str, int]:
+        """File name -> size, for the files that come in chunks."""
+        sizes: Counter[str] = Counter()
+        for c in self.chunks:
+            sizes[c.file] += c.size
+        return dict(sizes)
+
+
+def _zstd() -> Any:
+    import zstandard  # noqa: PLC0415 - only a push or pull needs it
+
+    return zstandard
+
+
+class _HashingWriter:
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw, self.h, self.size = raw, hashlib.sha256(), 0
+
+    def write(self, b: bytes) -> int:
+        self.h.update(b)
+        self.size += len(b)
+        return self.raw.write(b)
+
+
+def _put(layout: Path, data: bytes) -> tuple[str, int]:
+    """Store a blob under its digest (once: a chunk seen twice in one image is one blob)."""
     digest = hashlib.sha256(data).hexdigest()
-    (layout / "blobs" / "sha256" / digest).write_bytes(data)
-    return {"digest": f"sha256:{digest}", "size": len(data)}
+    path = layout / "blobs" / "sha256" / digest
+    if not path.exists():
+        tmp = path.with_name(digest + ".tmp")
+        tmp.write_bytes(data)
+        os.rename(tmp, path)
+    return f"sha256:{digest}", len(data)
 
 
-def export_layout(ckpt: Path, cid: str, layout: Path, tag: str) -> None:
-    """Write an OCI image layout at `layout` whose image `tag` holds checkpoint `ckpt`."""
-    (layout / "blobs" / "sha256").mkdir(parents=True)
-    layer_tmp = layout / "layer.tar"
-    h = hashlib.sha256()
-    with open(layer_tmp, "wb") as raw:
-        class _Hashing:
-            def write(self, b: bytes) -> int:
-                h.update(b)
-                return raw.write(b)
-        with tarfile.open(fileobj=_Hashing(), mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[arg-type]
-            # metadata.json and the marker first: pull reads the manifest before it writes anything
-            for f in sorted(ckpt.iterdir(), key=lambda f: (f.name != METADATA, f.name != MARKER, f.name)):
+def _files_layer(layout: Path, files: list[Path], packing: Packing) -> dict[str, Any]:
+    """The small files as one tar (metadata.json and the marker first: pull reads the manifest before it
+    writes anything), compressed as packed."""
+    tmp = layout / "files.tmp"
+    with open(tmp, "wb") as raw:
+        out = _HashingWriter(raw)
+        comp = _zstd().ZstdCompressor(level=packing.level, threads=-1).stream_writer(out, closefd=False) \
+            if packing.compress == "zstd" else nullcontext(out)
+        with comp as sink, tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            for f in files:
                 info = tarfile.TarInfo(f.name)
                 st = f.stat()
                 info.size, info.mode, info.mtime = st.st_size, 0o600, int(st.st_mtime)
                 with open(f, "rb") as src:
                     tar.addfile(info, src)
-    digest = h.hexdigest()
-    size = layer_tmp.stat().st_size
-    os.rename(layer_tmp, layout / "blobs" / "sha256" / digest)
-    layer = {"mediaType": LAYER_TYPE, "digest": f"sha256:{digest}", "size": size}
+    digest = out.h.hexdigest()
+    os.rename(tmp, layout / "blobs" / "sha256" / digest)
+    return {"mediaType": FILES_TYPE + packing.suffix, "digest": f"sha256:{digest}", "size": out.size}
+
+
+def _chunk_layers(layout: Path, f: Path, packing: Packing) -> Iterator[dict[str, Any]]:
+    """One layer per chunk_bytes of `f`, each named by its (compressed) content."""
+    comp = _zstd().ZstdCompressor(level=packing.level, threads=-1) if packing.compress == "zstd" else None
+    with open(f, "rb") as src:
+        offset = 0
+        while data := src.read(packing.chunk_bytes):
+            digest, size = _put(layout, comp.compress(data) if comp else data)
+            yield {"mediaType": CHUNK_TYPE + packing.suffix, "digest": digest, "size": size,
+                   "annotations": {CHUNK_FILE: f.name, CHUNK_OFFSET: str(offset), CHUNK_SIZE: str(len(data))}}
+            offset += len(data)
+
+
+def export_layout(ckpt: Path, cid: str, layout: Path, tag: str, packing: Packing = Packing(),
+                  scope: str | None = None, progress: Progress | None = None) -> None:
+    """Write an OCI image layout at `layout` whose image `tag` holds checkpoint `ckpt` (format 2)."""
+    (layout / "blobs" / "sha256").mkdir(parents=True)
+    files = sorted(ckpt.iterdir(), key=lambda f: (f.name != METADATA, f.name != MARKER, f.name))
+    big = [f for f in files if f.name not in CONTROL_FILES and f.stat().st_size > SMALL_FILE]
+    small = [f for f in files if f not in big]
+    total, done = sum(f.stat().st_size for f in files), 0
+    layers = [_files_layer(layout, small, packing)]
+    done += sum(f.stat().st_size for f in small)
+    for f in big:
+        for layer in _chunk_layers(layout, f, packing):
+            layers.append(layer)
+            done += int(layer["annotations"][CHUNK_SIZE])
+            if progress:
+                progress("packed", done, total)
     config = {"architecture": {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine),
               "os": "linux", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "config": {"Labels": {ANNOTATION: cid}},
-              "rootfs": {"type": "layers", "diff_ids": [f"sha256:{digest}"]}}
-    cfg = {"mediaType": CONFIG_TYPE, **_blob(layout, json.dumps(config).encode())}
-    manifest = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "config": cfg, "layers": [layer],
-                "annotations": {ANNOTATION: cid}}
-    man = {"mediaType": MANIFEST_TYPE, **_blob(layout, json.dumps(manifest).encode()),
+              "rootfs": {"type": "layers", "diff_ids": [d["digest"] for d in layers]}}
+    digest, size = _put(layout, json.dumps(config).encode())
+    annotations = {ANNOTATION: cid, FORMAT: "2", **({NAMESPACE: scope} if scope else {})}
+    manifest = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE,
+                "config": {"mediaType": CONFIG_TYPE, "digest": digest, "size": size},
+                "layers": layers, "annotations": annotations}
+    digest, size = _put(layout, json.dumps(manifest).encode())
+    man = {"mediaType": MANIFEST_TYPE, "digest": digest, "size": size,
            "annotations": {"org.opencontainers.image.ref.name": tag}}
     (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
     (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [man]}))
 
 
+def _hex(digest: object) -> str:
+    algo, _, hexd = str(digest).partition(":")
+    if algo != "sha256" or len(hexd) != 64 or not all(c in "0123456789abcdef" for c in hexd):
+        raise OciError(f"blob digest {str(digest)[:80]!r} is not a sha256 digest")
+    return hexd
+
+
+def _blob_path(layout: Path, digest: str, size: int) -> Path:
+    """A downloaded blob: a plain file of exactly the size its descriptor says."""
+    p = layout / "blobs" / "sha256" / _hex(digest)
+    if not p.is_file() or p.is_symlink():
+        raise OciError(f"blob {digest} missing from the pulled image")
+    if p.stat().st_size != size:
+        raise OciError(f"blob {digest} is {p.stat().st_size} bytes, not the {size} its manifest says")
+    return p
+
+
 def _read_blob(layout: Path, desc: dict[str, Any], limit: int) -> Path:
     digest = str(desc.get("digest", ""))
-    algo, _, hexd = digest.partition(":")
-    if algo != "sha256" or len(hexd) != 64 or not all(c in "0123456789abcdef" for c in hexd):
-        raise OciError(f"blob digest {digest[:80]!r} is not a sha256 digest")
-    p = layout / "blobs" / "sha256" / hexd
+    p = layout / "blobs" / "sha256" / _hex(digest)
     if not p.is_file() or p.is_symlink():
         raise OciError(f"blob {digest} missing from the pulled image")
     if p.stat().st_size > limit:
@@ -105,7 +229,7 @@ def _read_blob(layout: Path, desc: dict[str, Any], limit: int) -> Path:
     with open(p, "rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
-    if h.hexdigest() != hexd:
+    if h.hexdigest() != _hex(digest):
         raise OciError(f"blob {digest} does not match its digest")
     return p
 
@@ -116,66 +240,140 @@ def budget(directory: Path, max_bytes: int) -> int:
     return min(max_bytes, st.f_bavail * st.f_frsize)
 
 
-def check_manifest(manifest: Any, limit: int, expect_id: str | None) -> tuple[str, dict[str, Any]]:
-    """The checkpoint id and layer descriptor of an image manifest; refused before any blob is fetched or
-    unpacked when the blobs would take more than `limit` bytes or the id is not the one asked for."""
+def _chunk(desc: Any) -> Chunk:
+    """A chunk layer's descriptor, every field checked (a plain file name, decimal offset and size)."""
+    what = f"chunk layer {str(desc.get('digest'))[:80]!r}"
+    notes = desc.get("annotations") or {}
+    name, offset, size = notes.get(CHUNK_FILE), str(notes.get(CHUNK_OFFSET)), str(notes.get(CHUNK_SIZE))
+    if not isinstance(name, str) or not 0 < len(name) <= 255 or "/" in name or "\0" in name \
+            or name.startswith(".") or name in CONTROL_FILES:
+        raise OciError(f"{what}: {CHUNK_FILE} {str(name)[:80]!r} is not a checkpoint file name")
+    if not _DECIMAL.fullmatch(offset) or not _DECIMAL.fullmatch(size) or not 0 < int(size) <= MAX_CHUNK:
+        raise OciError(f"{what}: offset {offset[:24]!r} and size {size[:24]!r} must be byte counts "
+                       f"(a size from 1 to {MAX_CHUNK})")
+    _hex(desc["digest"])
+    return Chunk(name, int(offset), int(size), desc["digest"], desc["size"], CHUNK_TYPES[desc["mediaType"]])
+
+
+def _check_tiling(chunks: list[Chunk]) -> None:
+    """Each chunked file's chunks, in order, cover it from byte 0 with no gap and no overlap."""
+    ends: dict[str, int] = {}
+    for c in sorted(chunks, key=lambda c: (c.file, c.offset)):
+        if c.offset != ends.get(c.file, 0):
+            raise OciError(f"chunk layers of {c.file[:80]!r}: one starts at byte {c.offset}, "
+                           f"expected {ends.get(c.file, 0)} (a gap or an overlap)")
+        ends[c.file] = c.offset + c.size
+
+
+def check_manifest(manifest: Any, limit: int, expect_id: str | None, expect_scope: str | None = None) -> Image:
+    """What an image manifest promises, refused before any blob is fetched or unpacked when the blobs and
+    chunks would take more than `limit` bytes, the chunk table is not a tiling of files, or the id (or the
+    namespace, when the image names one) is not the one asked for."""
     try:
-        cid = validate_id(str((manifest.get("annotations") or {}).get(ANNOTATION, "")), f"manifest {ANNOTATION}")
+        notes = manifest.get("annotations") or {}
+        cid = validate_id(str(notes.get(ANNOTATION, "")), f"manifest {ANNOTATION}")
+        scope = notes.get(NAMESPACE)
         layers = list(manifest["layers"])
         sizes = [d["size"] for d in [manifest["config"], *layers]]
-        if len(layers) != 1 or layers[0].get("mediaType") not in LAYER_TYPES:
-            raise OciError(f"expected one tar or tar+gzip layer, got {[x.get('mediaType') for x in layers]}")
+        if not layers or layers[0].get("mediaType") not in LAYER_TYPES or \
+                any(d.get("mediaType") not in CHUNK_TYPES for d in layers[1:]):
+            raise OciError(f"expected a files layer, then chunk layers; got {[x.get('mediaType') for x in layers][:4]}")
+        if not all(type(n) is int and n >= 0 for n in sizes):
+            raise OciError(f"blob sizes {str(sizes)[:80]} are not byte counts")
+        chunks = [_chunk(d) for d in layers[1:]]
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise OciError(f"not a warmstart checkpoint image: {type(e).__name__}: {e}") from None
     if expect_id is not None and cid != expect_id:
         raise OciError(f"the image holds checkpoint {cid!r}, not {expect_id!r} (--id)")
-    if not all(type(n) is int and n >= 0 for n in sizes):
-        raise OciError(f"blob sizes {str(sizes)[:80]} are not byte counts")
-    if sum(sizes) > limit:
-        raise OciError(f"the image's blobs take {sum(sizes)} bytes, over the {limit}-byte limit "
+    if expect_scope is not None and scope is not None and scope != expect_scope:
+        raise OciError(f"the image holds a checkpoint of namespace {str(scope)[:80]!r}, not {expect_scope!r}")
+    _check_tiling(chunks)
+    distinct = {c.digest: c.blob_size for c in chunks}
+    blobs = sizes[0] + sizes[1] + sum(distinct.values())
+    if blobs > limit:
+        raise OciError(f"the image's blobs take {blobs} bytes, over the {limit}-byte limit "
                        "(max_pull_bytes, or the store's free space)")
-    return cid, layers[0]
+    if blobs + sum(c.size for c in chunks) > limit:
+        raise OciError(f"the image's blobs and chunked files take {blobs + sum(c.size for c in chunks)} bytes, "
+                       f"over the {limit}-byte limit (max_pull_bytes, or the store's free space)")
+    return Image(cid, layers[0], tuple(chunks), blobs)
 
 
-def check_remote(ref: str, flags: list[str], limit: int, expect_id: str | None) -> tuple[str, int]:
-    """check_manifest on `ref`'s manifest in the registry, before anything is downloaded.
-
-    Returns `ref` pinned to that manifest's digest, so that the copy fetches what was checked, and the
-    most bytes one downloaded file may take (skopeo_copy's max_file_bytes).
-    """
-    p = subprocess.run([SKOPEO, "inspect", "--raw", *flags, f"docker://{ref}"], capture_output=True)
-    if p.returncode != 0:
-        raise OciError(f"skopeo inspect {ref} failed: {p.stderr.decode(errors='replace').strip()[-500:]}")
-    if len(p.stdout) > MAX_MANIFEST:
-        raise OciError(f"the manifest is {len(p.stdout)} bytes, over the {MAX_MANIFEST}-byte limit")
-    try:
-        manifest = json.loads(p.stdout)
-    except ValueError as e:
-        raise OciError(f"the manifest is not JSON: {e}") from None
-    _, layer = check_manifest(manifest, limit, expect_id)
-    head, slash, last = ref.split("@", 1)[0].rpartition("/")
-    pinned = f"{head}{slash}{last.split(':', 1)[0]}@sha256:{hashlib.sha256(p.stdout).hexdigest()}"
-    return pinned, max(layer["size"], manifest["config"]["size"], MAX_MANIFEST)
-
-
-def import_layout(layout: Path, dest: Path, max_bytes: int, expect_id: str | None = None) -> str:
+def import_layout(layout: Path, dest: Path, max_bytes: int, expect_id: str | None = None,
+                  expect_scope: str | None = None, progress: Progress | None = None) -> str:
     """Unpack the checkpoint image in `layout` into the empty dir `dest`; returns the checkpoint id.
 
-    The layer blob already in `layout` and the files written to `dest` together stay within `max_bytes`
+    The blobs already in `layout` and the files written to `dest` together stay within `max_bytes`
     and the free space of dest's filesystem; `expect_id` (pull --id) must be the image's annotated id.
+    Each chunk blob is deleted once its last use is written, so the pull holds little more than the
+    download at any time.
     """
     try:
         index = json.loads((layout / "index.json").read_text())
         manifest = json.loads(_read_blob(layout, index["manifests"][0], MAX_MANIFEST).read_text())
     except (AttributeError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
         raise OciError(f"not a warmstart checkpoint image: {type(e).__name__}: {e}") from None
-    cid, layer = check_manifest(manifest, max_bytes, expect_id)
+    image = check_manifest(manifest, max_bytes, expect_id, expect_scope)
+    layer = image.files_layer
     blob = _read_blob(layout, layer, max_bytes)
     try:
-        _unpack(blob, LAYER_TYPES[layer["mediaType"]], dest, budget(dest, max_bytes - layer["size"]))
+        _unpack(blob, LAYER_TYPES[layer["mediaType"]], dest, budget(dest, max_bytes - image.blob_bytes),
+                image.chunked)
+        _assemble(layout, dest, image.chunks, progress)
     except (tarfile.TarError, EOFError, zlib.error, OSError, ValueError, OverflowError) as e:
         raise OciError(f"cannot unpack the layer: {type(e).__name__}: {e}") from None
-    return cid
+    except _zstd().ZstdError as e:
+        raise OciError(f"cannot decompress the layer: {e}") from None
+    return image.cid
+
+
+class _HashingReader:
+    """A blob read once: its digest is computed as its bytes go by."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw, self.h = raw, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.h.update(data)
+        return data
+
+
+def _assemble(layout: Path, dest: Path, chunks: tuple[Chunk, ...], progress: Progress | None) -> None:
+    """Write each chunked file from its chunks, in order: every chunk decompressed to exactly its size and
+    its blob's digest checked on the same pass; a blob is removed once its last chunk is written."""
+    uses = Counter(c.digest for c in chunks)
+    total, done = sum(c.size for c in chunks), 0
+    for name in sorted({c.file for c in chunks}):
+        fd = os.open(dest / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            os.fchmod(fd, 0o600)
+            for c in sorted((c for c in chunks if c.file == name), key=lambda c: c.offset):
+                blob = _blob_path(layout, c.digest, c.blob_size)
+                with open(blob, "rb") as raw:
+                    hashing = _HashingReader(raw)
+                    src = _zstd().ZstdDecompressor().stream_reader(hashing, read_size=READ_BUF) \
+                        if c.compression == "zstd" else hashing
+                    left = c.size
+                    while left:
+                        data = src.read(min(left, READ_BUF))
+                        if not data:
+                            raise OciError(f"chunk {c.digest} of {name!r}: the data ends {left} bytes short")
+                        out.write(data)
+                        left -= len(data)
+                    if src.read(1):
+                        raise OciError(f"chunk {c.digest} of {name!r}: more than the {c.size} bytes it declares")
+                    while hashing.read(READ_BUF):
+                        pass
+                if hashing.h.hexdigest() != _hex(c.digest):
+                    raise OciError(f"chunk {c.digest} of {name!r} does not match its digest (tampered?)")
+                uses[c.digest] -= 1
+                if not uses[c.digest]:
+                    blob.unlink()
+                done += c.size
+                if progress:
+                    progress("unpacked", done, total)
+            out.flush()
 
 
 class _Capped:
@@ -242,10 +440,11 @@ def _write(path: Path, src: BinaryIO, m: tarfile.TarInfo) -> None:
         os.utime(fd, (m.mtime, m.mtime))
 
 
-def _unpack(blob: Path, gzipped: bool, dest: Path, limit: int) -> None:
-    """Unpack the layer: metadata.json and checkpoint.done first, then only the files their manifest
-    names, each of exactly its manifest size, all together at most `limit` bytes."""
-    with open(blob, "rb") as raw, (gzip.GzipFile(fileobj=raw) if gzipped else nullcontext(raw)) as plain:
+def _unpack(blob: Path, compression: str | None, dest: Path, limit: int, chunked: dict[str, int]) -> None:
+    """Unpack the files layer: metadata.json and checkpoint.done first, then only the files their manifest
+    names (but not those that come in chunks), each of exactly its manifest size; all the checkpoint's
+    files, chunked ones included, together at most `limit` bytes."""
+    with open(blob, "rb") as raw, _decompressed(raw, compression) as plain:
         stream = _Capped(plain, HEADER_ROOM)  # type: ignore[arg-type]
         with tarfile.open(fileobj=stream, mode="r|", bufsize=READ_BUF) as tar:  # type: ignore[call-overload]
             members = iter(tar)
@@ -260,10 +459,16 @@ def _unpack(blob: Path, gzipped: bool, dest: Path, limit: int) -> None:
                 stream.limit = m.offset_data + m.size + HEADER_ROOM
                 control[m.name] = m, tar.extractfile(m).read(m.size)  # type: ignore[union-attr]
             sizes = _manifest_sizes(control[METADATA][1])
+            for name, size in chunked.items():
+                if sizes.get(name) != size:
+                    raise OciError(f"chunk layers of {name[:80]!r}: {size} bytes in all, "
+                                   f"its manifest entry says {sizes.get(name, 'nothing')}")
             total = sum(sizes.values()) + sum(len(data) for _, data in control.values())
             if total > limit:
                 raise OciError(f"the checkpoint's files take {total} bytes, over the {limit}-byte limit "
-                               "(max_pull_bytes less the layer, or the store's free space)")
+                               "(max_pull_bytes less the download, or the store's free space)")
+            for name in chunked:
+                del sizes[name]  # not in this layer: _assemble writes them
             for name, (info, data) in control.items():
                 _write(dest / name, io.BytesIO(data), info)
             for m in members:
@@ -275,12 +480,9 @@ def _unpack(blob: Path, gzipped: bool, dest: Path, limit: int) -> None:
                 _write(dest / m.name, tar.extractfile(m), m)  # type: ignore[arg-type]
 
 
-def skopeo_copy(src: str, dst: str, extra: list[str], max_file_bytes: int | None = None) -> None:
-    """skopeo copy; with max_file_bytes no file it writes may grow past that (RLIMIT_FSIZE: a registry
-    that sends more than its manifest said gets EFBIG, not our disk)."""
-    cap = None if max_file_bytes is None else (
-        lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes)))
-    p = subprocess.run([SKOPEO, "copy", "--quiet", *extra, src, dst], capture_output=True, text=True,
-                       preexec_fn=cap)
-    if p.returncode != 0:
-        raise OciError(f"skopeo copy {src} {dst} failed: {p.stderr.strip()[-500:]}")
+def _decompressed(raw: BinaryIO, compression: str | None) -> Any:
+    if compression == "gzip":
+        return gzip.GzipFile(fileobj=raw)
+    if compression == "zstd":
+        return _zstd().ZstdDecompressor().stream_reader(raw, read_size=READ_BUF)
+    return nullcontext(raw)

@@ -25,24 +25,29 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    base = tmp_path_factory.mktemp("registry")
+def start_registry(base: Path) -> tuple[subprocess.Popen, str]:
+    """docker-registry on a free loopback port, its storage and request log (registry.log) under `base`."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     (base / "config.yml").write_text(
-        f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {base}/data\n"
+        f"version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {base}/data\n"
         f"http:\n  addr: 127.0.0.1:{port}\n")
-    proc = subprocess.Popen([REGISTRY, "serve", str(base / "config.yml")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    with open(base / "registry.log", "wb") as log:
+        proc = subprocess.Popen([REGISTRY, "serve", str(base / "config.yml")], stdout=log, stderr=log)
     for _ in range(100):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             break
         except OSError:
             time.sleep(0.05)
-    yield f"127.0.0.1:{port}"
+    return proc, f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    proc, addr = start_registry(tmp_path_factory.mktemp("registry"))
+    yield addr
     proc.terminate()
     proc.wait(timeout=10)
 
@@ -98,7 +103,7 @@ def test_pull_refuses_a_hostile_image(node, registry, tmp_path):
     src.mkdir()
     (src / "checkpoint.done").write_text(json.dumps({"success": True}))
     layout = tmp_path / "layout"
-    oci.export_layout(src, "evil", layout, "checkpoint")
+    oci.export_layout(src, "evil", layout, "checkpoint", oci.Packing(compress="none"))  # the layer is rewritten as plain tar
     # rewrite the layer with an entry named ../../escape, then fix the digests the way an attacker would
     import hashlib
     import tarfile

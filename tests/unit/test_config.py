@@ -79,3 +79,47 @@ def test_warmstart_store_env(tmp_path, monkeypatch):
         config.load(p)
     monkeypatch.setenv("WARMSTART_STORE", "")
     assert config.load(p).store == Path("/from/file")
+
+
+def test_registry_section(tmp_path):
+    assert not Settings().registry.enabled
+    got = config.load(write(tmp_path, 'criu = "/usr/sbin/criu"\n[registry]\nrepository = "reg.local:5000/ws/ckpt"\n'
+                                      'auth_file = "/etc/warmstart/auth.json"\ntls_verify = false\npush = "off"\n'
+                                      'pull = "prefetch"\npull_deadline_s = 20\ncache_budget_bytes = 1073741824\n'
+                                      'chunk_bytes = 67108864\ncompress = "none"\ncompress_level = 3\n')).registry
+    assert got == config.RegistrySettings("reg.local:5000/ws/ckpt", Path("/etc/warmstart/auth.json"), False, "off",
+                                          "prefetch", 20, 1 << 30, 64 << 20, "none", 3)
+    assert got.enabled
+
+
+@pytest.mark.parametrize("line,needle", [
+    ('repository = "https://reg/x"', "registry.repository must be host"),
+    ('repository = "reg/x:tag"', "registry.repository must be host"),
+    ('repository = "reg/UPPER"', "registry.repository must be host"),
+    ('auth_file = "auth.json"', "registry.auth_file must be an absolute path"),
+    ('tls_verify = "no"', "registry.tls_verify must be true or false"),
+    ('push = "on"', "registry.push must be one of 'auto', 'off'"),
+    ('pull = "always"', "registry.pull must be one of 'on-miss', 'prefetch', 'off'"),
+    ("pull_deadline_s = 120", "registry.pull_deadline_s must be an integer from 1 to 110"),
+    ("pull_deadline_s = 0", "registry.pull_deadline_s"),
+    ("chunk_bytes = 4096", "registry.chunk_bytes must be an integer from 1048576"),
+    ('compress = "gzip"', "registry.compress must be one of 'zstd', 'none'"),
+    ("compress_level = 22", "registry.compress_level must be an integer from 1 to 19"),
+    ("cache_budget_bytes = -1", "registry.cache_budget_bytes"),
+    ("chunk_size = 1", "registry.chunk_size: unknown key; valid keys: auth_file"),
+])
+def test_registry_bad_values_name_the_key(tmp_path, line, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")) as e:
+        config.load(write(tmp_path, f"[registry]\n{line}\n"))
+    assert "\n" not in str(e.value)
+
+
+def test_registry_must_be_a_table(tmp_path):
+    with pytest.raises(ConfigError, match=r"registry must be a table: write it as a \[registry\] section"):
+        config.load(write(tmp_path, 'registry = "reg/x"\n'))
+
+
+def test_registry_example_loads():
+    """config/warmstart/registry.toml, the documented example, is a valid config."""
+    example = Path(__file__).resolve().parents[2] / "config" / "warmstart" / "registry.toml"
+    assert config.load(example).registry.repository == "registry.local:5000/warmstart/checkpoints"

@@ -18,6 +18,8 @@ from typing import Iterable, Iterator
 import pytest
 from test_store import CID, meta, publish, store  # noqa: F401 - store is a fixture
 
+import zstandard
+
 from warmstart import config, oci, signing
 from warmstart.store import MARKER, METADATA, sha256_file
 
@@ -92,10 +94,23 @@ def layout(path: Path, entries: Iterable[Iterable[bytes]], gz: bool = False, cid
     return path / "layout"
 
 
-def layer_blob(lay: Path) -> Path:
+def image_manifest(lay: Path) -> dict:
     blobs = lay / "blobs" / "sha256"
     index = json.loads((lay / "index.json").read_text())
-    return blobs / json.loads((blobs / index["manifests"][0]["digest"][7:]).read_text())["layers"][0]["digest"][7:]
+    return json.loads((blobs / index["manifests"][0]["digest"][7:]).read_text())
+
+
+def layer_blob(lay: Path, i: int = 0) -> Path:
+    return lay / "blobs" / "sha256" / image_manifest(lay)["layers"][i]["digest"][7:]
+
+
+def rewrite_manifest(lay: Path, manifest: dict) -> None:
+    """Store an edited manifest and point the index at it, as an attacker who rebuilt the image would."""
+    raw = json.dumps(manifest).encode()
+    (lay / "blobs" / "sha256" / hashlib.sha256(raw).hexdigest()).write_bytes(raw)
+    index = json.loads((lay / "index.json").read_text())
+    index["manifests"][0].update(digest=f"sha256:{hashlib.sha256(raw).hexdigest()}", size=len(raw))
+    (lay / "index.json").write_text(json.dumps(index))
 
 
 def written(dest: Path) -> int:
@@ -116,7 +131,7 @@ def refused(lay: Path, dest: Path, needle: str, max_bytes: int = CAP, expect_id:
 
 def test_round_trip_puts_the_manifest_first_and_adopts(store, tmp_path, dest):
     ck = publish(store)
-    oci.export_layout(ck, CID, tmp_path / "layout", "checkpoint")
+    oci.export_layout(ck, CID, tmp_path / "layout", "checkpoint", oci.Packing(compress="none"))
     assert oci.import_layout(tmp_path / "layout", dest, CAP, expect_id=CID) == CID
     with tarfile.open(layer_blob(tmp_path / "layout")) as tar:
         assert tar.getnames()[:2] == [METADATA, MARKER]
@@ -191,10 +206,11 @@ def test_too_many_bytes_for_the_cap_refused(store, tmp_path, dest, monkeypatch):
     ck = publish(store)
     lay = tmp_path / "layout"
     oci.export_layout(ck, CID, lay, "checkpoint")
-    layer_size = layer_blob(lay).stat().st_size
+    manifest = image_manifest(lay)
+    blobs = manifest["config"]["size"] + manifest["layers"][0]["size"]  # what the download writes
     total = sum(f.stat().st_size for f in ck.iterdir())
-    refused(lay, dest, "blobs take .* over the", max_bytes=layer_size - 1)
-    refused(lay, dest, f"files take {total} bytes, over the {total - 1}-byte", max_bytes=layer_size + total - 1)
+    refused(lay, dest, "blobs take .* over the", max_bytes=blobs - 1)
+    refused(lay, dest, f"files take {total} bytes, over the {total - 1}-byte", max_bytes=blobs + total - 1)
     assert written(dest) == 0
     # the store's free space caps a pull as well as max_pull_bytes
     monkeypatch.setattr(os, "statvfs", lambda _: os.statvfs_result((4096, 4096, 0, 0, 1, 0, 0, 0, 0, 255)))
@@ -217,3 +233,99 @@ def test_max_pull_bytes_config(tmp_path):
         (tmp_path / "c.toml").write_text(f"max_pull_bytes = {bad}\n")
         with pytest.raises(config.ConfigError, match="max_pull_bytes"):
             config.load(tmp_path / "c.toml")
+
+
+# -- format 2: the small files in one layer, big files in content-addressed chunks ----------------------
+
+CHUNK = 1 << 20
+BIG_FILES = {"inventory.img": b"\x01inventory", "dump.log": b"criu says hi\n",
+             "pages-1.img": os.urandom(CHUNK) + bytes(CHUNK) + bytes(CHUNK) + b"tail"}
+
+
+def chunked(store, tmp_path, compress: str = "zstd") -> Path:
+    """A published checkpoint with a 3 MiB + 4 B page image, exported in 1 MiB chunks."""
+    ck = publish(store, files=BIG_FILES)
+    oci.export_layout(ck, CID, tmp_path / "layout", "checkpoint", oci.Packing(CHUNK, compress, 1), "_local")
+    return tmp_path / "layout"
+
+
+@pytest.mark.parametrize("compress", ["zstd", "none"])
+def test_chunked_round_trip_adopts(store, tmp_path, dest, compress):
+    lay = chunked(store, tmp_path, compress)
+    layers = image_manifest(lay)["layers"]
+    assert [x["annotations"]["warmstart.dev/offset"] for x in layers[1:]] == ["0", str(CHUNK), str(2 * CHUNK),
+                                                                              str(3 * CHUNK)]
+    assert layers[2]["digest"] == layers[3]["digest"]  # two zero chunks: one blob
+    if compress == "zstd":
+        assert layers[2]["size"] < 1000  # zeros compress
+    assert oci.import_layout(lay, dest, CAP, expect_id=CID, expect_scope="_local") == CID
+    assert (dest / "pages-1.img").read_bytes() == BIG_FILES["pages-1.img"]
+    assert not (lay / "blobs" / "sha256" / layers[2]["digest"][7:]).exists()  # chunks go once written
+    store.remove(CID)
+    store.adopt(CID, dest)
+
+
+def test_unchanged_chunks_keep_their_digest(store, tmp_path):
+    """The same bytes pack to the same chunk blobs on every push: what lets the registry skip them."""
+    one = chunked(store, tmp_path / "a")
+    store.remove(CID)
+    changed = dict(BIG_FILES, **{"pages-1.img": BIG_FILES["pages-1.img"][:-4] + b"TAIL"})
+    oci.export_layout(publish(store, files=changed), CID, tmp_path / "b" / "layout", "checkpoint",
+                      oci.Packing(CHUNK, "zstd", 1))
+    first, second = ({x["digest"] for x in image_manifest(lay)["layers"][1:]} for lay in (one, tmp_path / "b" / "layout"))
+    assert len(second - first) == 1 and len(first & second) == 2
+
+
+def test_tampered_chunk_refused(store, tmp_path, dest):
+    lay = chunked(store, tmp_path, "none")
+    blob = layer_blob(lay, 1)
+    data = bytearray(blob.read_bytes())
+    data[100] ^= 1
+    blob.write_bytes(data)
+    refused(lay, dest, "does not match its digest")
+
+
+def test_chunk_bomb_refused(store, tmp_path, dest):
+    """A chunk that decompresses to more than it declares: refused after its declared size."""
+    lay = chunked(store, tmp_path)
+    manifest = image_manifest(lay)
+    bomb = zstandard.ZstdCompressor().compress(bytes(64 << 20))
+    digest = hashlib.sha256(bomb).hexdigest()
+    (lay / "blobs" / "sha256" / digest).write_bytes(bomb)
+    manifest["layers"][2].update(digest=f"sha256:{digest}", size=len(bomb))
+    rewrite_manifest(lay, manifest)
+    refused(lay, dest, "more than the 1048576 bytes it declares")
+    assert written(dest) < 8 << 20
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda ls: ls[2]["annotations"].update({"warmstart.dev/offset": "5"}), "a gap or an overlap"),
+    (lambda ls: ls[1]["annotations"].update({"warmstart.dev/file": "../escape"}), "not a checkpoint file name"),
+    (lambda ls: ls[1]["annotations"].update({"warmstart.dev/file": METADATA}), "not a checkpoint file name"),
+    (lambda ls: ls[1]["annotations"].update({"warmstart.dev/size": "1e9"}), "must be byte counts"),
+    (lambda ls: ls[1]["annotations"].update({"warmstart.dev/size": str(2 << 30)}), "must be byte counts"),
+    (lambda ls: ls.pop(), "its manifest entry says"),
+    (lambda ls: ls[1].update(mediaType="application/vnd.oci.image.layer.v1.tar"), "expected a files layer"),
+], ids=["overlap", "path", "control-file", "not-decimal", "too-big", "short", "media-type"])
+def test_bad_chunk_table_refused(store, tmp_path, dest, edit, needle):
+    lay = chunked(store, tmp_path)
+    manifest = image_manifest(lay)
+    edit(manifest["layers"])
+    rewrite_manifest(lay, manifest)
+    refused(lay, dest, needle)
+    assert not (dest / "pages-1.img").exists() and not (tmp_path / "escape").exists()
+
+
+def test_chunks_count_against_the_cap(store, tmp_path, dest):
+    lay = chunked(store, tmp_path, "none")
+    manifest = image_manifest(lay)
+    blobs = manifest["config"]["size"] + sum({x["digest"]: x["size"] for x in manifest["layers"]}.values())
+    refused(lay, dest, "blobs take .* over the", max_bytes=blobs - 1)
+    refused(lay, dest, "blobs and chunked files take", max_bytes=blobs + (3 << 20))
+    assert written(dest) == 0
+
+
+def test_namespace_must_match_the_annotation(store, tmp_path, dest):
+    with pytest.raises(oci.OciError, match="namespace '_local', not 'tenant-a'"):
+        oci.import_layout(chunked(store, tmp_path), dest, CAP, CID, "tenant-a")
+    assert written(dest) == 0

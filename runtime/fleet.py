@@ -1,0 +1,214 @@
+"""Checkpoints that follow a deployment across nodes: the automatic push after a dump, the pull on a miss.
+
+Both are driven by `[registry]` in the config and keyed by (namespace, id): the image of namespace
+`ns`'s checkpoint `id` is `<repository>:<tag_for(ns, id)>`.  Neither ever sits on a container's
+critical path for longer than asked:
+
+* push_in_background starts a detached `python -m warmstart.fleet push` and returns at once; the
+  outcome is one line in the runtime log.
+* pull_on_miss waits at most its deadline.  The pull itself runs in a detached process that holds
+  the key's lock file (`<store>/<ns>/.pulls/<id>.lock`, flock): concurrent callers on the node share
+  that one pull, and past the deadline it goes on, so the next container of the id finds it.  Its
+  outcome, and any error, is one line in the runtime log; a failed pull leaves the store unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import config
+from .config import Settings
+from .ids import validate_id
+from .log import Logger
+from .store import CheckpointError, Store
+from .transfer import Remote
+from .trust import K8S_NAMESPACE_RE, LOCAL_SCOPE
+
+MAX_TAG = 128  # the distribution spec's tag length
+PULL_GIVE_UP_S = 3600  # a pull still running after this is killed (its lock then frees the key)
+PUSH_GIVE_UP_S = 3600
+POLL_S = 0.05
+
+
+def tag_for(scope: str, cid: str) -> str:
+    """The image tag of checkpoint `cid` of namespace `scope`: `<scope>.<id>`.
+
+    A namespace (DNS label) or `_local` never holds a '.', so the first '.' separates the two and
+    two keys never share a tag ("--" would not: namespaces may hold it).  Keys too long for a tag
+    (128 characters) become `sha256-<hex of scope/id>`, which holds no '.'.
+    """
+    if scope != LOCAL_SCOPE and not K8S_NAMESPACE_RE.fullmatch(scope):
+        raise ValueError(f"namespace {scope[:80]!r}: not a Kubernetes namespace name or {LOCAL_SCOPE}")
+    tag = f"{scope}.{validate_id(cid)}"
+    if len(tag) > MAX_TAG:
+        tag = "sha256-" + hashlib.sha256(f"{scope}/{cid}".encode()).hexdigest()
+    return tag
+
+
+def ref_for(settings: Settings, scope: str, cid: str) -> str:
+    if not settings.registry.repository:
+        raise ValueError("[registry] repository is not set in the config; set it to host[:port]/path")
+    return f"{settings.registry.repository}:{tag_for(scope, cid)}"
+
+
+def _logger(settings: Settings, scope: str, cid: str) -> Logger:
+    return Logger(settings.log_dir, context={"namespace": scope, "checkpoint_id": cid, "component": "fleet"})
+
+
+def _spawn(settings: Settings, args: list[str], pass_fds: tuple[int, ...] = ()) -> None:
+    """Start `python -m warmstart.fleet ARGS` detached: own session, no stdio of the caller (a shim
+    waits for the runtime's pipes to close), the same config; the caller never waits for it."""
+    env = {**os.environ, "WARMSTART_CONFIG": settings.config_source}
+    subprocess.Popen([sys.executable, "-m", f"{__package__}.fleet", *args], stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                     close_fds=True, pass_fds=pass_fds, env=env, cwd="/")
+
+
+def push_in_background(settings: Settings, scope: str, cid: str) -> bool:
+    """After a successful dump: push the checkpoint to the registry without waiting for it.
+
+    True when a push was started; False when [registry] asks for none (no repository, push = off) or it
+    could not be started (logged).
+    """
+    reg = settings.registry
+    if not reg.enabled or reg.push != "auto":
+        return False
+    try:
+        tag_for(scope, cid)
+        _spawn(settings, ["push", "--namespace", scope, cid])
+        return True
+    except (OSError, ValueError) as e:
+        _logger(settings, scope, cid).warning(f"push to the registry not started: {e}")
+        return False
+
+
+def _key_lock(settings: Settings, scope: str, cid: str, kind: str) -> int:
+    """An fd on the key's lock file (flock on it decides who pulls or pushes the key)."""
+    store = Store(settings, scope)
+    store.ensure()
+    d = store.root / ".pulls"
+    d.mkdir(mode=0o700, exist_ok=True)
+    return os.open(d / f"{validate_id(cid)}.{kind}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+def _try_flock(fd: int, how: int) -> bool:
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return False
+        raise
+
+
+def pull_on_miss(settings: Settings, scope: str, cid: str, deadline_s: float | None = None) -> bool:
+    """`create` found no checkpoint `cid` for namespace `scope`: pull it from the registry, waiting at most
+    `deadline_s` (default [registry] pull_deadline_s).  True when the checkpoint is in the store.
+
+    False when no pull is configured, on any error (one log line, from the pull; the store unchanged),
+    or at the deadline (one log line; the pull goes on for the next container).
+    """
+    reg = settings.registry
+    if not reg.enabled or reg.pull == "off":
+        return False
+    wait_s = reg.pull_deadline_s if deadline_s is None else deadline_s
+    deadline = time.monotonic() + wait_s
+    log = _logger(settings, scope, cid)
+    try:
+        store = Store(settings, scope)
+        if store.exists(cid):
+            return True
+        ref = ref_for(settings, scope, cid)
+        fd = _key_lock(settings, scope, cid, "pull")
+    except (OSError, ValueError) as e:
+        log.warning(f"pull from the registry not started: {e}; starting cold")
+        return False
+    try:
+        if _try_flock(fd, fcntl.LOCK_EX):  # nobody pulls this key: start the pull, and hand it this lock
+            if store.exists(cid):  # a pull finished between the check above and the lock
+                return True
+            _spawn(settings, ["pull", "--namespace", scope, "--lock-fd", str(fd), cid], pass_fds=(fd,))
+        os.close(fd)  # a started pull holds the lock through its own fd on the same open file
+        fd = _key_lock(settings, scope, cid, "pull")  # a new open file: its flock waits like anyone's
+        while time.monotonic() < deadline:
+            if _try_flock(fd, fcntl.LOCK_SH):  # the pull is over, one way or the other
+                return store.exists(cid)
+            time.sleep(POLL_S)
+        log.warning(f"pull of {ref} not finished after {wait_s:g}s (pull_deadline_s): starting cold; "
+                    "the pull goes on for the next container")
+        return False
+    except OSError as e:
+        log.warning(f"pull from the registry not started: {e}; starting cold")
+        return False
+    finally:
+        os.close(fd)
+
+
+# -- the detached workers: python -m warmstart.fleet push|pull ----------------
+
+def _run_push(settings: Settings, scope: str, cid: str) -> int:
+    from . import transfer  # noqa: PLC0415
+
+    log = _logger(settings, scope, cid)
+    try:
+        fd = _key_lock(settings, scope, cid, "push")
+        if not _try_flock(fd, fcntl.LOCK_EX):
+            log.info("push to the registry skipped: another push of this checkpoint is running")
+            return 0
+        ref = ref_for(settings, scope, cid)
+        done = transfer.push(settings, scope, cid, ref, Remote.of(settings.registry), timeout_s=PUSH_GIVE_UP_S)
+    except (OSError, ValueError, CheckpointError, transfer.oci.OciError) as e:
+        log.warning(f"push to the registry failed: {e}")
+        return 1
+    log.info(f"pushed to {ref} in {done.seconds:.1f}s: {done.copied.sent} blobs sent, "
+             f"{done.copied.skipped} already in the registry", seconds=round(done.seconds, 3),
+             blobs_sent=done.copied.sent, blobs_skipped=done.copied.skipped)
+    return 0
+
+
+def _run_pull(settings: Settings, scope: str, cid: str, lock_fd: int) -> int:
+    """Holds the key's lock (inherited from pull_on_miss) until the pull is over."""
+    from . import transfer  # noqa: PLC0415
+
+    log = _logger(settings, scope, cid)
+    t0 = time.monotonic()
+    ref = ""
+    try:
+        ref = ref_for(settings, scope, cid)
+        if Store(settings, scope).exists(cid):
+            return 0
+        transfer.pull(settings, scope, ref, Remote.of(settings.registry), expect_id=cid, timeout_s=PULL_GIVE_UP_S)
+        log.info(f"pulled {ref}, verified and sealed, in {time.monotonic() - t0:.1f}s",
+                 seconds=round(time.monotonic() - t0, 3))
+        return 0
+    except (OSError, ValueError, CheckpointError, transfer.oci.OciError) as e:
+        log.warning(f"pull of {ref or cid} failed: {e}; the store is unchanged")
+        return 1
+    finally:
+        os.close(lock_fd)  # after the log line: whoever waits on the lock sees the outcome logged
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m warmstart.fleet", description=__doc__.split("\n")[0])
+    p.add_argument("action", choices=["push", "pull"])
+    p.add_argument("id", type=validate_id)
+    p.add_argument("--namespace", default=LOCAL_SCOPE)
+    p.add_argument("--lock-fd", type=int)
+    args = p.parse_args(argv)
+    settings = config.load()
+    if args.action == "push":
+        return _run_push(settings, args.namespace, args.id)
+    if args.lock_fd is None:
+        p.error("pull needs --lock-fd (pull_on_miss starts it)")
+    return _run_pull(settings, args.namespace, args.id, args.lock_fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Moving a checkpoint between the store and a registry: the steps of a push and of a pull (skopeo).
+
+Shared by the CLI (`warmstart push` / `pull`) and the automatic paths (runtime/fleet.py); the image
+format and its checks are runtime/oci.py's.  Work dirs live under `<store>/<scope>/.tmp/` (the same
+filesystem as the store: adopting is a rename, and nothing lands in a tmpfs /tmp), each held by a
+shared "push" or "pull" lock that keeps `warmstart gc` off it while it runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import oci
+from .config import RegistrySettings, Settings
+from .store import Store
+
+SKOPEO = "skopeo"
+# skopeo's lines for each layer blob, and (--debug) for one the destination already has
+_BLOB = re.compile(r"^Copying blob sha256:[0-9a-f]{64}")
+_SKIPPED = re.compile(r'level=debug msg="Skipping blob sha256:[0-9a-f]{64} \(already present\)')
+_FATAL = re.compile(r'level=fatal msg="(.*)"\s*$', re.M)
+
+
+@dataclass(frozen=True)
+class Remote:
+    """How to reach the registry: TLS verification and a credentials file."""
+
+    tls_verify: bool = True
+    auth_file: Path | None = None
+
+    @classmethod
+    def of(cls, reg: RegistrySettings) -> Remote:
+        return cls(reg.tls_verify, reg.auth_file)
+
+    def flags(self, side: str) -> list[str]:
+        """skopeo flags; side "src"/"dest" for skopeo copy, "" for skopeo inspect."""
+        prefix = f"--{side}-" if side else "--"
+        flags = [f"{prefix}tls-verify={'true' if self.tls_verify else 'false'}"]
+        if self.auth_file:
+            flags.append(f"{prefix}authfile={self.auth_file}")
+        return flags
+
+
+@dataclass(frozen=True)
+class Copied:
+    """What one skopeo copy moved: blobs sent, blobs the destination already had, and how long it took."""
+
+    sent: int
+    skipped: int
+    seconds: float
+
+
+def check_ref(ref: str) -> str:
+    if "://" in ref or ref.startswith("-") or any(c.isspace() for c in ref) or not ref:
+        raise ValueError(f"image reference {ref[:200]!r}: give it as host[:port]/name:tag, without a transport")
+    return ref
+
+
+def skopeo_copy(src: str, dst: str, extra: list[str], max_file_bytes: int | None = None,
+                echo: bool = False, timeout_s: float | None = None) -> Copied:
+    """skopeo copy, counting the blobs it sent and skipped (its per-blob lines, echoed to stderr with
+    `echo`); with max_file_bytes no file it writes may grow past that (RLIMIT_FSIZE: a registry that sends
+    more than its manifest said gets EFBIG, not our disk); killed after timeout_s."""
+    cap = None if max_file_bytes is None else (
+        lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes)))
+    t0 = time.monotonic()
+    p = subprocess.Popen([SKOPEO, "--debug", "copy", *extra, src, dst], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         stdin=subprocess.DEVNULL, text=True, preexec_fn=cap)
+    timer = threading.Timer(timeout_s, p.kill) if timeout_s else None
+    if timer:
+        timer.daemon = True
+        timer.start()
+    tail: list[str] = []
+    blobs = skipped = 0
+    try:
+        for line in p.stdout:  # type: ignore[union-attr]
+            if "level=debug" in line:  # --debug is there only to tell sent blobs from skipped ones
+                skipped += bool(_SKIPPED.search(line))
+                continue
+            if echo:
+                print(line.rstrip(), file=sys.stderr, flush=True)
+            blobs += bool(_BLOB.match(line))
+            fatal = _FATAL.search(line)
+            tail = [fatal.group(1)] if fatal else (tail + [line.strip()])[-4:]
+        rc = p.wait()
+    finally:
+        if timer:
+            timer.cancel()
+    if rc != 0:
+        why = f"killed after {timeout_s:.0f}s" if timer and rc < 0 else " ".join(tail)[-500:]
+        raise oci.OciError(f"skopeo copy {src} {dst} failed: {why}")
+    return Copied(blobs - skipped, skipped, time.monotonic() - t0)
+
+
+def check_remote(ref: str, remote: Remote, limit: int, expect_id: str | None,
+                 expect_scope: str | None = None, timeout_s: float = 60) -> tuple[str, int]:
+    """oci.check_manifest on `ref`'s manifest in the registry, before anything is downloaded.
+
+    Returns `ref` pinned to that manifest's digest, so that the copy fetches what was checked, and the
+    most bytes one downloaded file may take (skopeo_copy's max_file_bytes).
+    """
+    try:
+        p = subprocess.run([SKOPEO, "inspect", "--raw", *remote.flags(""), f"docker://{ref}"],
+                           capture_output=True, stdin=subprocess.DEVNULL, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise oci.OciError(f"skopeo inspect {ref}: no answer from the registry in {timeout_s:.0f}s") from None
+    if p.returncode != 0:
+        err = p.stderr.decode(errors="replace")
+        fatal = _FATAL.search(err)
+        raise oci.OciError(f"skopeo inspect {ref} failed: {fatal.group(1) if fatal else ' '.join(err.split())[-500:]}")
+    if len(p.stdout) > oci.MAX_MANIFEST:
+        raise oci.OciError(f"the manifest is {len(p.stdout)} bytes, over the {oci.MAX_MANIFEST}-byte limit")
+    try:
+        manifest = json.loads(p.stdout)
+    except ValueError as e:
+        raise oci.OciError(f"the manifest is not JSON: {e}") from None
+    image = oci.check_manifest(manifest, limit, expect_id, expect_scope)
+    head, slash, last = ref.split("@", 1)[0].rpartition("/")
+    pinned = f"{head}{slash}{last.split(':', 1)[0]}@sha256:{hashlib.sha256(p.stdout).hexdigest()}"
+    biggest = max([image.files_layer["size"], manifest["config"]["size"], *(c.blob_size for c in image.chunks)])
+    return pinned, max(biggest, oci.MAX_MANIFEST)
+
+
+def printer(verb: str) -> oci.Progress:
+    """Progress on stderr, one line rewritten in place: `verb what: 123/456 MiB`."""
+    def show(what: str, done: int, total: int) -> None:
+        end = "\n" if done >= total else ""
+        print(f"\r{verb} {what}: {done >> 20}/{total >> 20} MiB", end=end, file=sys.stderr, flush=True)
+    return show
+
+
+@dataclass(frozen=True)
+class Pushed:
+    ref: str
+    copied: Copied
+    seconds: float
+
+
+def push(settings: Settings, scope: str, cid: str, ref: str, remote: Remote, progress: bool = False,
+         timeout_s: float | None = None) -> Pushed:
+    """Ship a fully verified checkpoint as a format-2 image; unchanged chunks are not sent again."""
+    t0 = time.monotonic()
+    check_ref(ref)
+    store = Store(settings, scope)
+    ckpt = store.open_verified(cid, full=True)  # never ship a damaged checkpoint
+    reg = settings.registry
+    packing = oci.Packing(reg.chunk_bytes, reg.compress, reg.compress_level)
+    with store.lock("push", exclusive=False, blocking=True):
+        work = store.new_tmp("push")
+        try:
+            with store.lock(cid, exclusive=False, blocking=True):
+                oci.export_layout(ckpt.path, cid, work / "layout", "checkpoint", packing, scope,
+                                  printer("push") if progress else None)
+            copied = skopeo_copy(f"oci:{work / 'layout'}:checkpoint", f"docker://{ref}",
+                                 ["--preserve-digests", *remote.flags("dest")], echo=progress, timeout_s=timeout_s)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return Pushed(ref, copied, time.monotonic() - t0)
+
+
+def pull(settings: Settings, scope: str, ref: str, remote: Remote, expect_id: str | None = None,
+         progress: bool = False, timeout_s: float | None = None) -> str:
+    """Fetch, check, unpack, verify and adopt the checkpoint of image `ref`; returns its id.
+
+    The manifest is checked (size budget, id, namespace) before a byte is downloaded, and the copy is
+    pinned to its digest; import_layout checks the downloaded copy again and bounds the unpacking; the
+    store's full verification (signature included) runs before the rename into place.  On any error
+    nothing is left in the store.
+    """
+    check_ref(ref)
+    store = Store(settings, scope)
+    with store.lock("pull", exclusive=False, blocking=True):
+        work = store.new_tmp("pull")
+        layout, unpacked = work / "layout", work / "checkpoint"
+        unpacked.mkdir(mode=0o700)
+        try:
+            pinned, max_file = check_remote(ref, remote, oci.budget(work, settings.max_pull_bytes), expect_id, scope,
+                                            timeout_s=min(timeout_s or 60, 60))
+            skopeo_copy(f"docker://{pinned}", f"oci:{layout}:checkpoint", remote.flags("src"), max_file,
+                        echo=progress, timeout_s=timeout_s)
+            cid = oci.import_layout(layout, unpacked, settings.max_pull_bytes, expect_id, scope,
+                                    printer("pull") if progress else None)
+            shutil.rmtree(layout)  # what is left of the download: no need to hold the bytes twice
+            store.adopt(cid, unpacked)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return cid
