@@ -118,6 +118,8 @@ class Engine:
         self.device = torch.device(opts["device"])
         self.cuda = self.device.type == "cuda"
         if self.cuda:
+            if self.device.index is None:  # set_device and mem_get_info need an index: "cuda" means the first
+                self.device = torch.device("cuda", 0)
             torch.cuda.set_device(self.device)
             torch.cuda.init()
         self.timings["device_init_s"] = time.monotonic() - t
