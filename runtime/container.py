@@ -202,6 +202,7 @@ class Container:
         if not res.ok:
             self.log.warning(f"cold start: {res.reason}", phases=res.phases)
             return False
+        self.sd.save(self.st)  # the cgroup the restore chose: a later dump's metadata names it
         self.log.info(res.reason, phases=res.phases, pid=res.pid)
         dynamo_protocol.mark_restored(res.pid, self.bundle.spec if self.bundle else {}, self.st.checkpoint_id,
                                       self.log)

@@ -74,7 +74,7 @@ class StateDir:
         (a restore and its undo journal) and `delete`.
 
         runc runs poststop hooks inside a failed restore's cleanup too (its own, and the
-        `runc delete --force` of runc.discard_failed_restore) and inside every `runc
+        `runc delete --force` of Runc.discard_failed_restore) and inside every `runc
         delete`: the hook (hooks/main.py, which checks this name before importing
         anything) leaves the dir alone then.
         """

@@ -173,7 +173,8 @@ def test_restore_replaces_create_and_is_recorded_once(settings, fake, tmp_path, 
     assert fake.verbs() == ["restore"], "no runc create: the restore took its place"
     assert ct.status is Status.RESTORED
     assert ct.sd.restored_marker.read_text() == CID  # the one record: launch.py stats it for `start`
-    assert json.loads((ct.sd.path / "state.json").read_text())["status"] == "created"
+    saved = json.loads((ct.sd.path / "state.json").read_text())
+    assert saved["status"] == "created" and saved["cgroup_path"] == f"/{CTR}"
     assert loaded(settings, fake).status is Status.RESTORED
     assert checkpoint.failures() == 0
     assert not ct.sd.criu_conf.exists(), "the restore's CRIU options must not reach a later checkpoint"
