@@ -16,11 +16,9 @@ and nothing is loaded when libcuda is absent: zero cost for CPU containers.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from . import runc
@@ -131,12 +129,9 @@ class Driver:
         self._check("cuCheckpointProcessUnlock", pid, self.lib.cuCheckpointProcessUnlock(pid, None))
 
 
-def container_pids(runc_path: Path, g: runc.GlobalOpts, cid: str) -> list[int]:
-    """Host PIDs of every process of the container (`runc ps --format json`)."""
-    p = runc.run(runc_path, g.argv + ["ps", "--format", "json", cid], timeout=30)
-    if p.returncode != 0:
-        raise RuntimeError(f"runc ps {cid} failed: {(p.stderr or '').strip()[-200:]}")
-    return sorted(int(x) for x in json.loads(p.stdout or "[]") or [])
+def container_pids(rc: runc.Runc, container_id: str) -> list[int]:
+    """Host PIDs of every process of the container (`runc ps`; runc.RuncError when it fails)."""
+    return rc.ps(container_id)
 
 
 @dataclass
@@ -239,7 +234,7 @@ def restore_pids(drv: Driver, pids: list[int], gpu_pairs: list[tuple[str, str]] 
 
 # -- the flows' entry points (dump.py, restore.py) ----------------------------
 
-def checkpoint_container(runc_path: Path, g: runc.GlobalOpts, cid: str,
+def checkpoint_container(rc: runc.Runc, container_id: str,
                          spec: dict[str, Any]) -> tuple[Driver | None, CudaSession | None]:
     """Before `runc checkpoint`: move every CUDA process of the container out of the GPU.
 
@@ -252,13 +247,13 @@ def checkpoint_container(runc_path: Path, g: runc.GlobalOpts, cid: str,
     if drv is None:
         return None, None
     t = time.perf_counter()
-    pids = container_pids(runc_path, g, cid)
+    pids = container_pids(rc, container_id)
     s = checkpoint_pids(drv, pids)
     s.timings["cuda_ps"] = round(time.perf_counter() - t - sum(s.timings.values()), 6)
     return drv, s
 
 
-def restore_container(runc_path: Path, g: runc.GlobalOpts, cid: str, meta: dict[str, Any],
+def restore_container(rc: runc.Runc, container_id: str, meta: dict[str, Any],
                       gpu_pairs: list[tuple[str, str]] | None = None) -> CudaSession | None:
     """After `runc restore`: restore, then unlock, the CUDA processes (new host PIDs, from the restored container)."""
     dumped = (meta.get("dump") or {}).get("cuda") or {}
@@ -267,4 +262,4 @@ def restore_container(runc_path: Path, g: runc.GlobalOpts, cid: str, meta: dict[
     drv = Driver.load()
     if drv is None:
         raise CudaError("dlopen libcuda.so.1", 0, -1, "libcuda not found on this node")
-    return restore_pids(drv, container_pids(runc_path, g, cid), gpu_pairs, expected=dumped["processes"])
+    return restore_pids(drv, container_pids(rc, container_id), gpu_pairs, expected=dumped["processes"])

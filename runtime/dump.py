@@ -13,27 +13,44 @@ import json
 import shutil
 import time
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import annotations, criu, cuda, gpu, rootfs, runc, versions
 from .config import Settings
-from .log import Logger, keep_criu_log
+from .log import keep_criu_log
 from .phases import Phases
-from .state import ContainerState, StateDir
+from .state import ContainerState
 from .metadata import SCHEMA_VERSION, Compat
 from .spec import Spec
 from .store import DELETED, DUMP_LOG, ROOTFS_DIFF, Store
 
+if TYPE_CHECKING:
+    from .container import Container
+
+
+class DumpOutcome(Enum):
+    PUBLISHED = "published"        # the checkpoint is in the store
+    SKIPPED = "skipped"            # not attempted: a checkpoint exists, or another dump holds the id
+    FAILED = "failed"              # no checkpoint; the container is as it was
+    FAILED_STOPPED = "failed-stopped"  # no checkpoint, and CRIU had stopped the container (not --leave-running)
+
 
 @dataclass
 class DumpResult:
-    ok: bool
+    outcome: DumpOutcome
     reason: str
     path: Path | None = None
     phases: dict[str, float] | None = None
-    stopped: bool = False  # CRIU stopped the container (the dump got past `runc checkpoint`)
-    skipped: bool = False  # not attempted (a checkpoint exists, or another dump holds the id)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is DumpOutcome.PUBLISHED
+
+    @property
+    def skipped(self) -> bool:
+        return self.outcome is DumpOutcome.SKIPPED
 
 
 def redact_env(env: list[str], patterns: tuple[str, ...]) -> list[str]:
@@ -79,79 +96,63 @@ def build_metadata(settings: Settings, st: ContainerState, spec: Spec, phases: d
     }
 
 
-def dump(settings: Settings, g: runc.GlobalOpts, st: ContainerState, sd: StateDir, log: Logger,
-         leave_running: bool = False, frozen: bool = False) -> DumpResult:
+def dump(ct: Container, leave_running: bool = False, frozen: bool = False) -> DumpResult:
     """Checkpoint the container into the store.  With `frozen`, it is paused (cgroup freezer) from
     before CRIU until its rootfs diff is captured and the checkpoint published, dumped with
     --leave-running and resumed: memory and rootfs are of one instant, and the process lives on to
     get the client's stop signal as under runc (its own exit status, not CRIU's SIGKILL)."""
     leave_running = leave_running or frozen
+    settings, st, rc, log = ct.settings, ct.st, ct.runc, ct.log
     store = Store(settings, st.scope)
     cid = st.checkpoint_id
     ph = Phases()
     with store.lock(cid) as held:
         if not held:
-            return DumpResult(False, f"another dump of checkpoint {cid} is in progress; skipping this one",
-                              skipped=True)
+            return DumpResult(DumpOutcome.SKIPPED, f"another dump of checkpoint {cid} is in progress; skipping this one")
         if store.exists(cid):
-            return DumpResult(False, f"checkpoint {cid} already exists; not dumping again", skipped=True)
+            return DumpResult(DumpOutcome.SKIPPED, f"checkpoint {cid} already exists; not dumping again")
         tmp = store.new_tmp(cid)
         stopped = paused = False
         drv, cuda_s = None, None  # CUDA processes moved out of the GPU (undone unless the dump stopped them)
-        work = sd.work / f"dump-{int(time.time() * 1000)}"
+        work = ct.sd.work / f"dump-{int(time.time() * 1000)}"
         try:
             spec = json.loads((Path(st.bundle) / "config.json").read_text())
             hooks = annotations.worker_hooks(spec.get("annotations") or {})
             if hooks.pre_dump is not None:  # e.g. vLLM sleep: a failure means no checkpoint, a plain stop
                 with ph("pre_dump_hook"):
                     from . import hooks_exec  # noqa: PLC0415 - http.client and friends: only when used
-                    hooks_exec.run(hooks.pre_dump, settings.runc, g, st.container_id, spec, hooks.timeout_s)
+                    hooks_exec.run(hooks.pre_dump, rc, st.container_id, spec, hooks.timeout_s)
             if Spec(spec).has_gpu:
                 with ph("cuda_checkpoint"):
-                    drv, cuda_s = cuda.checkpoint_container(settings.runc, g, st.container_id, spec)
+                    drv, cuda_s = cuda.checkpoint_container(rc, st.container_id, spec)
             if frozen:
                 with ph("pause"):
-                    p = runc.run(settings.runc, g.argv + ["pause", st.container_id], timeout=60)
+                    p = rc.pause(st.container_id)
                 if p.returncode != 0:
-                    return DumpResult(False, f"runc pause failed (exit {p.returncode}): {_last_error(p.stderr, None)}")
+                    return DumpResult(DumpOutcome.FAILED,
+                                      f"runc pause failed (exit {p.returncode}): {_last_error(p.stderr, None)}")
                 paused = True
             with ph("criu_config"):
-                criu.dump_config(settings.dump_timeout_s).write(sd.criu_conf)
+                criu.dump_config(settings.dump_timeout_s).write(ct.sd.criu_conf)
                 work.mkdir(mode=0o700, parents=True)
             with ph("checkpoint"):
-                p = runc.run(settings.runc, runc.checkpoint_argv(g, settings.criu, st.container_id, tmp, work,
-                                                                leave_running=leave_running),
-                             timeout=settings.dump_timeout_s + 30)
+                p = rc.checkpoint(st.container_id, runc.CheckpointOpts(tmp, work, leave_running=leave_running),
+                                  timeout=settings.dump_timeout_s + 30)
             if (work / "dump.log").exists():
                 shutil.copyfile(work / "dump.log", tmp / DUMP_LOG)
             if p.returncode != 0:
                 kept = keep_criu_log(settings.log_dir, "dump", st.container_id, work / "dump.log")
-                return DumpResult(False, f"runc checkpoint failed (exit {p.returncode}): "
-                                         f"{_last_error(p.stderr, work / 'dump.log')}"
-                                         + (f" (CRIU log: {kept})" if kept else ""))
+                return DumpResult(DumpOutcome.FAILED, f"runc checkpoint failed (exit {p.returncode}): "
+                                  f"{_last_error(p.stderr, work / 'dump.log')}" + (f" (CRIU log: {kept})" if kept else ""))
             stopped = not leave_running
-            rootfs_dir = Path(st.rootfs)
-            kind = "overlay" if rootfs.overlay_upperdir(rootfs_dir) is not None else "dir"
-            with ph("rootfs_diff"):
-                diff = rootfs.capture(rootfs_dir, sd.baseline, tmp / ROOTFS_DIFF, tmp / DELETED)
-            with ph("metadata"):
-                stats = criu.dump_stats(work)
-                meta = build_metadata(settings, st, Spec(spec), {}, stats, diff, kind)
-                if cuda_s is not None:
-                    meta["dump"]["cuda"] = cuda_s.metadata()
-                    gpus = gpu.for_container(gpu.node_inventory(), spec)
-                    if gpus:
-                        meta["gpu"] = gpus
-            with ph("publish"):
-                meta["dump"]["phases"] = dict(ph.timings)
-                final = store.publish(cid, tmp, meta)
-            return DumpResult(True, "checkpoint published", final, dict(ph.timings))
+            final = _publish(ct, store, spec, tmp, work, cuda_s, ph)
+            return DumpResult(DumpOutcome.PUBLISHED, "checkpoint published", final, dict(ph.timings))
         except Exception as e:  # noqa: BLE001 - every failure means: no checkpoint, stop as plain runc
-            return DumpResult(False, f"dump failed after phase {list(ph.timings)[-1:] or ['start']}: "
-                                     f"{type(e).__name__}: {e}", stopped=stopped)
+            return DumpResult(DumpOutcome.FAILED_STOPPED if stopped else DumpOutcome.FAILED,
+                              f"dump failed after phase {list(ph.timings)[-1:] or ['start']}: {type(e).__name__}: {e}")
         finally:
             if paused:  # before the GPU is given back: CUDA's restore runs inside the process
-                p = runc.run(settings.runc, g.argv + ["resume", st.container_id], timeout=60)
+                p = rc.resume(st.container_id)
                 if p.returncode != 0:
                     log.error(f"could not resume the container after the dump: {_last_error(p.stderr, None)}")
             if cuda_s is not None and cuda_s.locked and not stopped:
@@ -161,6 +162,27 @@ def dump(settings: Settings, g: runc.GlobalOpts, st: ContainerState, sd: StateDi
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _publish(ct: Container, store: Store, spec: dict[str, Any], tmp: Path, work: Path,
+             cuda_s: cuda.CudaSession | None, ph: Phases) -> Path:
+    """rootfs_diff, metadata, publish: what CRIU dumped into `tmp` becomes checkpoint st.checkpoint_id."""
+    st = ct.st
+    rootfs_dir = Path(st.rootfs)
+    kind = "overlay" if rootfs.overlay_upperdir(rootfs_dir) is not None else "dir"
+    with ph("rootfs_diff"):
+        diff = rootfs.capture(rootfs_dir, ct.sd.baseline, tmp / ROOTFS_DIFF, tmp / DELETED)
+    with ph("metadata"):
+        stats = criu.dump_stats(work)
+        meta = build_metadata(ct.settings, st, Spec(spec), {}, stats, diff, kind)
+        if cuda_s is not None:
+            meta["dump"]["cuda"] = cuda_s.metadata()
+            gpus = gpu.for_container(gpu.node_inventory(), spec)
+            if gpus:
+                meta["gpu"] = gpus
+    with ph("publish"):
+        meta["dump"]["phases"] = dict(ph.timings)
+        return store.publish(st.checkpoint_id, tmp, meta)
 
 
 def _last_error(stderr: str, criu_log: Path | None) -> str:

@@ -105,16 +105,14 @@ def _http_in_netns(pid: int | None, action: Action, timeout: float) -> str:
     return str(res["msg"])
 
 
-def _exec(runc_path: Path, g: runc.GlobalOpts, cid: str, spec: dict[str, Any], action: Action,
-          timeout: float) -> str:
+def _exec(rc: runc.Runc, container_id: str, spec: dict[str, Any], action: Action, timeout: float) -> str:
     proc = dict(spec.get("process") or {})
     proc.update({"args": ["/bin/sh", "-c", action.command], "terminal": False})
     proc.pop("consoleSize", None)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(proc, f)
     try:
-        p = subprocess.run([str(runc_path)] + g.argv + ["exec", "--process", f.name, cid],
-                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        p = rc.exec(container_id, Path(f.name), timeout)
     except subprocess.TimeoutExpired:
         raise HookError(f"{action.describe()} timed out after {timeout:g}s") from None
     finally:
@@ -125,15 +123,15 @@ def _exec(runc_path: Path, g: runc.GlobalOpts, cid: str, spec: dict[str, Any], a
     return (p.stdout or "").strip()[-200:]
 
 
-def run(action: Action, runc_path: Path, g: runc.GlobalOpts, cid: str, spec: dict[str, Any],
-        timeout: float, pid: int | None = None) -> str:
+def run(action: Action, rc: runc.Runc, container_id: str, spec: dict[str, Any], timeout: float,
+        pid: int | None = None) -> str:
     """Run one action against the running container; its output on success, HookError otherwise."""
     if action.kind == "http":
         own_netns = any(ns.get("type") == "network" for ns in (spec.get("linux") or {}).get("namespaces") or [])
         if pid is None and own_netns:
-            st = runc.state(runc_path, g, cid)
+            st = rc.state(container_id)
             pid = int(st["pid"]) if st and st.get("pid") else None
             if not pid:
-                raise HookError(f"{action.describe()}: container {cid} has no running process")
+                raise HookError(f"{action.describe()}: container {container_id} has no running process")
         return _http_in_netns(pid if own_netns else None, action, timeout)
-    return _exec(runc_path, g, cid, spec, action, timeout)
+    return _exec(rc, container_id, spec, action, timeout)

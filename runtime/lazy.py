@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -168,30 +169,27 @@ def _stop(daemon: subprocess.Popen) -> None:
         daemon.wait()
 
 
-def run_restore(runc_path: Path, criu: Path, argv: list[str], images: Path, work: Path, spec: dict[str, Any],
-                container_id: str, g: runc.GlobalOpts, pid_file: str | None,
-                log: Any = None, timeout: float = 90, eager_env: dict[str, str] | None = None,
-                watch: runc.CriuGoneWatch | None = None,
-                stdio: runc.StdioHandOff | None = None) -> tuple[subprocess.CompletedProcess, str]:
-    """`runc restore` (argv from runc.restore_argv, the id last): lazily when asked and possible, else eagerly.
+def run_restore(rc: runc.Runc, container_id: str, opts: runc.RestoreOpts, run: runc.RestoreRun,
+                checkpoint: Path, spec: dict[str, Any], log: Any = None) -> tuple[subprocess.CompletedProcess, str]:
+    """`runc restore`: lazily when asked and possible, else eagerly.
 
-    `eager_env` is the environment of an eager restore (criu.restore_env); `watch` fails either
-    attempt fast when its CRIU dies (runc.CriuGoneWatch); `stdio` hands the container's stdio over
-    (runc.StdioHandOff).  `images` is the checkpoint itself (the lazy-pages daemon reads it).
+    `run.env` is the environment of an eager restore (criu.restore_env); `run.watch` fails either
+    attempt fast when its CRIU dies (runc.CriuGoneWatch); `run.stdio` hands the container's stdio
+    over (runc.StdioHandOff).  `checkpoint` is the checkpoint itself (the lazy-pages daemon reads it).
 
     Returns runc's result and how it restored ("lazy", "eager", or "eager after lazy failed: ...").
     """
     ok, why = eligible(spec)
     if ok:
-        daemon = Daemon(criu, images, work)
+        work = opts.work_path
+        daemon = Daemon(rc.criu or Path("criu"), checkpoint, work)
         try:
             t = time.perf_counter()
             daemon.start()
             if log is not None:
                 log.context["lazy_daemon_start_s"] = round(time.perf_counter() - t, 6)
-            p = runc.run_bounded(runc_path, argv[:-1] + ["--lazy-pages", argv[-1]], timeout,
-                                 watch=watch, stdio=stdio)
-            pid = runc.read_pid(pid_file) if p.returncode == 0 else None
+            p = rc.restore(container_id, replace(opts, lazy_pages=True), replace(run, env=None))
+            pid = runc.read_pid(opts.of.pid_file) if p.returncode == 0 else None
             if pid:
                 daemon.hand_over(pid)
                 return p, "lazy"
@@ -201,11 +199,11 @@ def run_restore(runc_path: Path, criu: Path, argv: list[str], images: Path, work
         finally:
             daemon.abandon()
         # undo the lazy attempt, then the eager one from a clean work dir
-        for note in runc.discard_failed_restore(runc_path, g, container_id):
+        for note in rc.discard_failed_restore(container_id):
             if log is not None:
                 log.warning(note)
-        if pid_file:
-            Path(pid_file).unlink(missing_ok=True)
+        if opts.of.pid_file:
+            Path(opts.of.pid_file).unlink(missing_ok=True)
         for name in ("restore.log", DAEMON_LOG):  # kept next to the work dir for the operator
             if (work / name).exists():
                 shutil.copyfile(work / name, work.parent / f"lazy-failed-{name}")
@@ -214,4 +212,4 @@ def run_restore(runc_path: Path, criu: Path, argv: list[str], images: Path, work
         if log is not None:
             log.warning(f"lazy restore failed, restoring eagerly: {why}")
         why = f"eager after lazy failed: {why}"
-    return runc.run_bounded(runc_path, argv, timeout, env=eager_env, watch=watch, stdio=stdio), why
+    return rc.restore(container_id, opts, run), why

@@ -13,16 +13,19 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from . import annotations, criu, cuda, gpu, lazy, mounts, nsrun, procfs, rootfs, runc, trust, versions
 from .config import Settings
 from .log import Logger, keep_criu_log
 from .phases import Phases
-from .state import ContainerState, StateDir
+from .state import ContainerState
 from .metadata import CheckpointMetadata, Compat
 from .spec import Spec
 from .store import DELETED, ROOTFS_DIFF, Checkpoint, CheckpointError, Store
+
+if TYPE_CHECKING:
+    from .container import Container
 
 
 @dataclass
@@ -76,117 +79,165 @@ def refusal(settings: Settings, store: Store, ckpt: Checkpoint, spec: Spec, st: 
     return trust.privilege_refusal(tasks, spec)
 
 
-def restore(settings: Settings, store: Store, g: runc.GlobalOpts, c: runc.CreateArgs, spec: Spec,
-            st: ContainerState, sd: StateDir, log: Logger) -> RestoreResult:
-    """Restore checkpoint st.checkpoint_id from `store` (the container's scope's, or one shared with it)."""
-    ph = Phases()
-    cid = st.checkpoint_id
-    owner = None if store.scope == st.scope else store.scope  # quarantine counts per restoring scope
-    quarantine = Store(settings, st.scope)
+def restore(ct: Container, store: Store) -> RestoreResult:
+    """Restore ct's checkpoint from `store` (the container's scope's, or one shared with it)."""
+    cid = ct.st.checkpoint_id
+    owner = None if store.scope == ct.st.scope else store.scope  # quarantine counts per restoring scope
+    quarantine = Store(ct.settings, ct.st.scope)
     q = quarantine.quarantine_state(cid, owner)
     if q.get("quarantined"):
         return RestoreResult(False, f"checkpoint {cid} is quarantined after {q.get('failures')} failed restores "
                                     f"(last: {q.get('last_error')}); clear with `warmstart verify --clear {cid}`")
-    journal = rootfs.Journal(sd.path / "rootfs-backup")
-    rootfs_dir = Path(st.rootfs)
-    work = sd.work / "restore"
-    # runc's own output (its log, its stdout/stderr, its cleanup's) is warmstart's, never the container's
-    runc_out = sd.path / "runc-restore.log"
-    g = g.logging_to(runc_out)
-    stdio: runc.StdioHandOff | None = None
-    applied = False
     with store.lock(cid, exclusive=False, blocking=True):  # gc/remove wait; other restores share
+        return _Attempt(ct, store, quarantine, owner).run()
+
+
+class _Attempt:
+    """One restore attempt, and what it did so far: a failure undoes exactly that."""
+
+    def __init__(self, ct: Container, store: Store, quarantine: Store, owner: str | None) -> None:
+        assert ct.bundle is not None
+        self.ct, self.store, self.quarantine, self.owner = ct, store, quarantine, owner
+        self.c, self.spec, self.log = ct.bundle.c, ct.bundle.view, ct.log
+        self.cid = ct.st.checkpoint_id
+        self.ph = Phases()
+        self.journal = rootfs.Journal(ct.sd.path / "rootfs-backup")
+        self.rootfs_dir = Path(ct.st.rootfs)
+        self.work = ct.sd.work / "restore"
+        # runc's own output (its log, its stdout/stderr, its cleanup's) is warmstart's, never the container's
+        self.runc_out = ct.sd.path / "runc-restore.log"
+        self.rc = ct.runc.logging_to(self.runc_out)
+        self.stdio: runc.StdioHandOff | None = None
+        self.applied = False
+
+    def run(self) -> RestoreResult:
+        ct, cid, ph = self.ct, self.cid, self.ph
         try:
-            with ph("verify"):
-                ckpt = store.open_verified(cid)
-            with ph("compatible"):
-                why = refusal(settings, store, ckpt, spec, st)
-                mplan = mounts.plan(ckpt.path, spec.raw, cache=store.derived_cache(ckpt, "mounts"),
-                                    key=ckpt.metadata_sha256)  # mounts the new container lacks: refused here
-                here_gpu = gpu.for_container(gpu.node_inventory(), spec.raw) if ckpt.metadata.get("gpu") else None
-                why = why or mplan.reason or gpu.incompatibility(ckpt.metadata.get("gpu"), here_gpu)
+            why = self._check()
             if why:
                 return RestoreResult(False, f"checkpoint {cid} refused: {why}", ph.timings)
-            with ph("prepare"):
-                shutil.rmtree(work, ignore_errors=True)
-                work.mkdir(mode=0o700, parents=True)
-                cg = cgroup_path(spec, c.id, g.systemd_cgroup)
-                st.cgroup_path = cg
-                conf = criu.restore_config(cg, ext_mount_maps=mplan.ext_mount_maps)
-                conf.options += join_namespaces(spec)
-                conf.write(sd.criu_conf)
-                hostname = expected_hostname(spec)
-            with ph("rootfs"):
-                applied = True
-                rootfs.apply(rootfs_dir, ckpt.path / ROOTFS_DIFF, ckpt.path / DELETED, journal)
-                made = mounts.apply(rootfs_dir, mplan.mkdirs, journal)  # e.g. the old nvidia-ctk-hook path
-            for note in mplan.notes:
-                log.info(f"mounts: {note}", created=",".join(made))
-            with ph("restore"):
-                # Images are read in place: CRIU writes only to the work dir (stats, logs),
-                # so the sealed checkpoint stays untouched and may sit on a read-only store.
-                lsm = trust.lsm_profile(spec)
-                stdio = runc.StdioHandOff.prepare(ckpt.path, sd.work / "restore-images", runc_out)
-                argv = runc.restore_argv(g, settings.criu, c, stdio.images if stdio else ckpt.path, work,
-                                         extra=["--no-subreaper"] + (["--lsm-profile", lsm] if lsm else []))
-                watch = runc.CriuGoneWatch()
-                p, how = lazy.run_restore(settings.runc, settings.criu, argv, ckpt.path, work, spec.raw, c.id,
-                                          g, c.pid_file, log, timeout=settings.restore_timeout_s,
-                                          eager_env=criu.restore_env(settings.restore_read_threads),
-                                          watch=watch, stdio=stdio)
-            log.context["restore_mode"] = how
-            if p.returncode != 0:
-                died = (f"CRIU died mid-restore (killed the half-restored task {watch.released} that kept runc "
-                        "waiting on the swrk socket); " if watch.released else "")
-                raise RestoreFailed(f"runc restore failed (exit {p.returncode}): {died}{_reason(runc_out, work)}")
-            if stdio is not None:
-                try:
-                    stdio.record(Path(g.root or runc.DEFAULT_ROOT), c.id)
-                except (OSError, ValueError) as e:  # the next checkpoint would restore without its stdio
-                    raise RestoreFailed(f"cannot record the container's stdio in runc's state: {e}") from e
-            pid = runc.read_pid(c.pid_file)
-            with ph("hostname"):
-                _fix_hostname(pid, hostname)
-            if (ckpt.metadata.get("dump") or {}).get("cuda"):
-                with ph("cuda_restore"):
-                    cs = cuda.restore_container(settings.runc, g, c.id, ckpt.metadata,
-                                                gpu.gpu_pairs(ckpt.metadata.get("gpu"), here_gpu))
-                ph.timings.update(cs.timings if cs else {})
-            hooks = annotations.worker_hooks(spec.annotations)
-            if hooks.post_restore is not None:  # e.g. vLLM wake_up; a failure is a failed restore (cold start)
-                with ph("post_restore_hook"):
-                    from . import hooks_exec  # noqa: PLC0415 - http.client and friends: only when used
-                    try:
-                        hooks_exec.run(hooks.post_restore, settings.runc, g, c.id, spec.raw, hooks.timeout_s, pid=pid)
-                    except Exception as e:  # noqa: BLE001 - the worker's own hook: not the checkpoint's fault
-                        raise WorkerHookFailed(f"post-restore hook failed: {e}") from e
-            ph.timings.update({f"criu_{k}": v for k, v in criu.restore_stats(work).items() if k.endswith("_time")})
-            quarantine.record_restore(cid, True, owner=owner)
-            store.mark_used(cid)  # gc --budget evicts the least recently used
-            _keep_logs(settings, c.id, work)
-            sd.restored_marker.touch()  # launch.py: `start` is then a no-op without imports
-            journal.commit()  # restored: drop what the diff set aside (never raises)
-            return RestoreResult(True, f"restored from {cid} (verified by {ckpt.verified_by})", ph.timings, pid)
+            self._prepare()
+            pid = self._restore()
+            self._revive(pid)
+            ph.timings.update({f"criu_{k}": v for k, v in criu.restore_stats(self.work).items() if k.endswith("_time")})
+            self.quarantine.record_restore(cid, True, owner=self.owner)
+            self.store.mark_used(cid)  # gc --budget evicts the least recently used
+            _keep_logs(ct.settings, self.c.id, self.work)
+            ct.mark_restored()  # launch.py: `start` is then a no-op without imports
+            self.journal.commit()  # restored: drop what the diff set aside (never raises)
+            return RestoreResult(True, f"restored from {cid} (verified by {self.ckpt.verified_by})", ph.timings, pid)
         except (CheckpointError, rootfs.RootfsError, WorkerHookFailed) as e:
-            _cleanup(settings, g, c, rootfs_dir, journal if applied else None, log, st.cgroup_path, work)
+            self._cleanup()
             what = "restore from" if isinstance(e, WorkerHookFailed) else "checkpoint"
             return RestoreResult(False, f"{what} {cid} refused: {e}", ph.timings)
         except Exception as e:  # noqa: BLE001 - any failure: undo and start cold
-            _cleanup(settings, g, c, rootfs_dir, journal if applied else None, log, st.cgroup_path, work)
-            _keep_logs(settings, c.id, work)
-            kept = keep_criu_log(settings.log_dir, "runc-restore", c.id, runc_out)
-            q = quarantine.record_restore(cid, False, str(e)[:300], owner=owner)
+            self._cleanup()
+            _keep_logs(ct.settings, self.c.id, self.work)
+            kept = keep_criu_log(ct.settings.log_dir, "runc-restore", self.c.id, self.runc_out)
+            q = self.quarantine.record_restore(cid, False, str(e)[:300], owner=self.owner)
             extra = " (now quarantined)" if q.get("quarantined") else ""
             if q.get("not_recorded"):
                 extra += f" (the failure count could not be stored: {q['not_recorded']})"
             return RestoreResult(False, f"restore from {cid} failed{extra}: {e}"
                                         + (f" (runc's output: {kept})" if kept else ""), ph.timings)
         finally:
-            if stdio is not None:
-                stdio.close()  # the restored process holds its own copies
+            if self.stdio is not None:
+                self.stdio.close()  # the restored process holds its own copies
             # Its options were for this restore only: a client's own `runc checkpoint` of the container
             # reads the same file (org.criu.config), and tcp-close or cgroup-root would change its dump.
-            sd.criu_conf.unlink(missing_ok=True)
+            ct.sd.criu_conf.unlink(missing_ok=True)
+
+    def _check(self) -> str | None:
+        """verify, compatible: the checkpoint is sound and fits this container and node, or why not."""
+        store, spec = self.store, self.spec
+        with self.ph("verify"):
+            self.ckpt = ckpt = store.open_verified(self.cid)
+        with self.ph("compatible"):
+            why = refusal(self.ct.settings, store, ckpt, spec, self.ct.st)
+            self.mplan = mounts.plan(ckpt.path, spec.raw, cache=store.derived_cache(ckpt, "mounts"),
+                                     key=ckpt.metadata_sha256)  # mounts the new container lacks: refused here
+            self.here_gpu = gpu.for_container(gpu.node_inventory(), spec.raw) if ckpt.metadata.get("gpu") else None
+            return why or self.mplan.reason or gpu.incompatibility(ckpt.metadata.get("gpu"), self.here_gpu)
+
+    def _prepare(self) -> None:
+        """prepare (work dir, CRIU config), rootfs (the diff and missing mount points, journaled)."""
+        ct, spec, mplan = self.ct, self.spec, self.mplan
+        with self.ph("prepare"):
+            shutil.rmtree(self.work, ignore_errors=True)
+            self.work.mkdir(mode=0o700, parents=True)
+            ct.st.cgroup_path = cgroup_path(spec, self.c.id, self.rc.g.systemd_cgroup)
+            conf = criu.restore_config(ct.st.cgroup_path, ext_mount_maps=mplan.ext_mount_maps)
+            conf.options += join_namespaces(spec)
+            conf.write(ct.sd.criu_conf)
+            self.hostname = expected_hostname(spec)
+        with self.ph("rootfs"):
+            self.applied = True
+            rootfs.apply(self.rootfs_dir, self.ckpt.path / ROOTFS_DIFF, self.ckpt.path / DELETED, self.journal)
+            made = mounts.apply(self.rootfs_dir, mplan.mkdirs, self.journal)  # e.g. the old nvidia-ctk-hook path
+        for note in mplan.notes:
+            self.log.info(f"mounts: {note}", created=",".join(made))
+
+    def _restore(self) -> int | None:
+        """restore: `runc restore --detach` in place of create (lazy.run_restore); the restored pid."""
+        ct, ckpt = self.ct, self.ckpt
+        with self.ph("restore"):
+            # Images are read in place: CRIU writes only to the work dir (stats, logs),
+            # so the sealed checkpoint stays untouched and may sit on a read-only store.
+            self.stdio = runc.StdioHandOff.prepare(ckpt.path, ct.sd.work / "restore-images", self.runc_out)
+            opts = runc.RestoreOpts(self.stdio.images if self.stdio else ckpt.path, self.work, self.c,
+                                   no_subreaper=True, lsm_profile=trust.lsm_profile(self.spec))
+            watch = runc.CriuGoneWatch()
+            run = runc.RestoreRun(ct.settings.restore_timeout_s, criu.restore_env(ct.settings.restore_read_threads),
+                                  watch, self.stdio)
+            p, how = lazy.run_restore(self.rc, self.c.id, opts, run, ckpt.path, self.spec.raw, self.log)
+        self.log.context["restore_mode"] = how
+        if p.returncode != 0:
+            died = (f"CRIU died mid-restore (killed the half-restored task {watch.released} that kept runc "
+                    "waiting on the swrk socket); " if watch.released else "")
+            raise RestoreFailed(f"runc restore failed (exit {p.returncode}): {died}{_reason(self.runc_out, self.work)}")
+        if self.stdio is not None:
+            try:
+                self.stdio.record(self.rc.root, self.c.id)
+            except (OSError, ValueError) as e:  # the next checkpoint would restore without its stdio
+                raise RestoreFailed(f"cannot record the container's stdio in runc's state: {e}") from e
+        return runc.read_pid(self.c.pid_file)
+
+    def _revive(self, pid: int | None) -> None:
+        """hostname, CUDA, the worker's post-restore hook: the restored process made whole."""
+        ph, meta = self.ph, self.ckpt.metadata
+        with ph("hostname"):
+            _fix_hostname(pid, self.hostname)
+        if (meta.get("dump") or {}).get("cuda"):
+            with ph("cuda_restore"):
+                cs = cuda.restore_container(self.rc, self.c.id, meta, gpu.gpu_pairs(meta.get("gpu"), self.here_gpu))
+            ph.timings.update(cs.timings if cs else {})
+        hooks = annotations.worker_hooks(self.spec.annotations)
+        if hooks.post_restore is not None:  # e.g. vLLM wake_up; a failure is a failed restore (cold start)
+            with ph("post_restore_hook"):
+                from . import hooks_exec  # noqa: PLC0415 - http.client and friends: only when used
+                try:
+                    hooks_exec.run(hooks.post_restore, self.rc, self.c.id, self.spec.raw, hooks.timeout_s, pid=pid)
+                except Exception as e:  # noqa: BLE001 - the worker's own hook: not the checkpoint's fault
+                    raise WorkerHookFailed(f"post-restore hook failed: {e}") from e
+
+    def _cleanup(self) -> None:
+        """Leave nothing of a failed attempt: restored tasks, runc state (and its cgroup), the pid file, rootfs changes.
+
+        Nothing is deleted while a mount under runc's state dir is live (Runc.discard_failed_restore).
+        """
+        log, cgroup = self.log, self.ct.st.cgroup_path
+        if cgroup:
+            _kill_cgroup(cgroup, log)  # a killed CRIU leaves restored tasks runc never recorded (reliability suite)
+        for note in self.rc.discard_failed_restore(self.c.id):
+            log.warning(note)
+        _umount_under(self.work, log)  # ... and its cgroup yard mounted under the work dir
+        if self.c.pid_file:
+            Path(self.c.pid_file).unlink(missing_ok=True)
+        if self.applied:
+            try:
+                rootfs.undo(self.rootfs_dir, self.journal)
+            except Exception as e:  # noqa: BLE001
+                log.error("cleanup: could not undo the rootfs diff", error=str(e))
 
 
 def _in_uts(ns_file: str, hostname: str | None = None) -> str:
@@ -253,28 +304,6 @@ def _reason(runc_log: Path, work: Path) -> str:
 def _keep_logs(settings: Settings, container_id: str, work: Path) -> None:
     """CRIU's restore.log outlives the work dir under log_dir (the operator's first question)."""
     keep_criu_log(settings.log_dir, "restore", container_id, work / "restore.log")
-
-
-def _cleanup(settings: Settings, g: runc.GlobalOpts, c: runc.CreateArgs, rootfs_dir: Path,
-             journal: rootfs.Journal | None, log: Logger, cgroup: str | None = None,
-             work: Path | None = None) -> None:
-    """Leave nothing of a failed attempt: restored tasks, runc state (and its cgroup), the pid file, rootfs changes.
-
-    Nothing is deleted while a mount under runc's state dir is live (runc.discard_failed_restore).
-    """
-    if cgroup:
-        _kill_cgroup(cgroup, log)  # a killed CRIU leaves restored tasks runc never recorded (reliability suite)
-    for note in runc.discard_failed_restore(settings.runc, g, c.id):
-        log.warning(note)
-    if work is not None:
-        _umount_under(work, log)  # ... and its cgroup yard mounted under the work dir
-    if c.pid_file:
-        Path(c.pid_file).unlink(missing_ok=True)
-    if journal is not None:
-        try:
-            rootfs.undo(rootfs_dir, journal)
-        except Exception as e:  # noqa: BLE001
-            log.error("cleanup: could not undo the rootfs diff", error=str(e))
 
 
 def _cgroup_dirs(cgroup: str) -> list[Path]:

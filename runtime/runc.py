@@ -1,4 +1,4 @@
-"""The argv shapes we read from the shim and send to runc, in one place."""
+"""runc, both ways: the argv shapes the shim sends us, and `Runc`, the only builder of the runc calls we make."""
 from __future__ import annotations
 
 import json
@@ -8,9 +8,9 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 from . import procfs
 from .launch import VALUE_FLAGS
@@ -112,35 +112,6 @@ def _s(v: str | bool | None) -> str | None:
 
 def positional(args: list[str]) -> list[str]:
     return [a for a in args if not a.startswith("-")]
-
-
-def restore_argv(g: GlobalOpts, criu: Path, c: CreateArgs, image: Path, work: Path,
-                 extra: list[str] | None = None) -> list[str]:
-    """`runc restore --detach` in place of `runc create`; restore rejects --no-new-keyring and --preserve-fds."""
-    argv = g.with_criu(criu) + ["restore", "--detach", "--bundle", str(c.bundle),
-                                "--image-path", str(image), "--work-path", str(work)]
-    if c.pid_file:
-        argv += ["--pid-file", c.pid_file]
-    if c.console_socket:
-        argv += ["--console-socket", c.console_socket]
-    if c.no_pivot:
-        argv += ["--no-pivot"]
-    return argv + (extra or []) + [c.id]
-
-
-def checkpoint_argv(g: GlobalOpts, criu: Path, cid: str, image: Path, work: Path,
-                    leave_running: bool = False, extra: list[str] | None = None) -> list[str]:
-    argv = g.with_criu(criu) + ["checkpoint", "--image-path", str(image), "--work-path", str(work),
-                                "--file-locks", "--tcp-established"]
-    if leave_running:
-        argv.append("--leave-running")
-    return argv + (extra or []) + [cid]
-
-
-def run(runc: Path, argv: list[str], timeout: float | None = None,
-        capture: bool = True) -> subprocess.CompletedProcess:
-    """Run runc; stdin is inherited only when we replace create (the container's stdio)."""
-    return subprocess.run([str(runc)] + argv, capture_output=capture, text=True, timeout=timeout)
 
 
 class Timeout(Exception):
@@ -330,32 +301,6 @@ class CriuGoneWatch:
             self.released += held
 
 
-def discard_failed_restore(runc: Path, g: GlobalOpts, container_id: str) -> list[str]:
-    """Remove what a failed `runc restore` left in runc's state dir, never through a mount; returns notes to log.
-
-    runc bind-mounts the rootfs at <root>/<id>/criu-root for CRIU and unmounts it
-    in a deferred call that a killed runc never runs.  `runc delete --force` on a
-    state dir without state.json then RemoveAll()s through that bind and empties
-    the rootfs.  So everything under the state dir is unmounted first, and runc
-    is called only when nothing is mounted there any more.
-    """
-    state = Path(g.root or DEFAULT_ROOT) / container_id
-    left = procfs.umount_under(state)
-    if left:
-        return [f"cleanup: {', '.join(left)} stays mounted; {state} left in place rather than deleted through it"]
-    notes = []
-    p = run(runc, g.argv + ["delete", "--force", container_id], timeout=60)
-    if p.returncode != 0 and "not exist" not in (p.stderr or ""):
-        notes.append(f"cleanup: runc delete --force failed: {(p.stderr or '').strip()[-300:]}")
-    if state.is_dir() and not state.is_symlink():
-        try:
-            procfs.remove_tree(state)  # a state dir without state.json: runc's delete does not parse it
-            notes.append(f"cleanup: removed runc state {state} left by the failed restore")
-        except OSError as e:
-            notes.append(f"cleanup: could not remove {state}: {e}")
-    return notes
-
-
 def read_pid(pid_file: str | None) -> int | None:
     """The pid runc wrote to --pid-file (None when absent or unreadable)."""
     try:
@@ -364,11 +309,166 @@ def read_pid(pid_file: str | None) -> int | None:
         return None
 
 
-def state(runc: Path, g: GlobalOpts, cid: str) -> dict | None:
-    p = run(runc, g.argv + ["state", cid])
-    if p.returncode != 0:
-        return None
-    try:
-        return json.loads(p.stdout)
-    except ValueError:
-        return None
+# -- the typed client -----------------------------------------------------------
+
+class RuncError(RuntimeError):
+    """A runc call whose output warmstart needed failed; the message names the verb and runc's error."""
+
+
+@dataclass(frozen=True)
+class CheckpointOpts:
+    """`runc checkpoint`'s options (in the spirit of go-runc's CheckpointOpts)."""
+    image_path: Path
+    work_path: Path
+    leave_running: bool = False
+    file_locks: bool = True
+    tcp_established: bool = True
+
+    def args(self) -> list[str]:
+        a = ["--image-path", str(self.image_path), "--work-path", str(self.work_path)]
+        a += ["--file-locks"] * self.file_locks + ["--tcp-established"] * self.tcp_established
+        return a + ["--leave-running"] * self.leave_running
+
+
+@dataclass(frozen=True)
+class RestoreOpts:
+    """`runc restore --detach` options (in the spirit of go-runc's RestoreOpts), in place of the
+    `runc create` `of`: its bundle, pid file, console socket and --no-pivot (restore rejects
+    create's --no-new-keyring and --preserve-fds)."""
+    image_path: Path
+    work_path: Path
+    of: CreateArgs
+    no_subreaper: bool = False
+    lsm_profile: str | None = None
+    lazy_pages: bool = False
+
+    def args(self) -> list[str]:
+        c = self.of
+        a = ["--detach", "--bundle", str(c.bundle), "--image-path", str(self.image_path),
+             "--work-path", str(self.work_path)]
+        a += ["--pid-file", c.pid_file] if c.pid_file else []
+        a += ["--console-socket", c.console_socket] if c.console_socket else []
+        a += ["--no-pivot"] * c.no_pivot + ["--no-subreaper"] * self.no_subreaper
+        a += ["--lsm-profile", self.lsm_profile] if self.lsm_profile else []
+        return a + ["--lazy-pages"] * self.lazy_pages
+
+
+@dataclass(frozen=True)
+class RestoreRun:
+    """How a `runc restore` runs (run_bounded): its deadline, environment, CRIU watch and stdio hand-off."""
+    timeout_s: float
+    env: dict[str, str] | None = None
+    watch: CriuGoneWatch | None = None
+    stdio: StdioHandOff | None = None
+
+
+def exec_unchanged(path: Path | str, argv: list[str]) -> NoReturn:
+    """Become runc with the caller's argv, unchanged: same flags, exit code and stdio (inherited fds too)."""
+    os.execv(str(path), [str(path)] + argv)
+
+
+@dataclass(frozen=True)
+class Runc:
+    """runc with the shim's global flags: every runc call warmstart makes itself is built here.
+
+    `criu` is the CRIU that checkpoint and restore run, unless the caller's global flags name one.
+    """
+    path: Path
+    g: GlobalOpts = field(default_factory=GlobalOpts)
+    criu: Path | None = None
+
+    @property
+    def root(self) -> Path:
+        """runc's state root (its --root, or runc's default as root)."""
+        return Path(self.g.root or DEFAULT_ROOT)
+
+    def logging_to(self, log: Path) -> "Runc":
+        """The same runc with its log in a file of ours (GlobalOpts.logging_to)."""
+        return replace(self, g=self.g.logging_to(log))
+
+    def command(self, *args: str) -> list[str]:
+        return [str(self.path), *self.g.argv, *args]
+
+    def _criu_command(self, *args: str) -> list[str]:
+        return [str(self.path), *(self.g.with_criu(self.criu) if self.criu else self.g.argv), *args]
+
+    def _run(self, cmd: list[str], timeout: float | None, stdin: int | None = None) -> subprocess.CompletedProcess:
+        """Output captured; stdin inherited unless given (as before the client: runc's own calls never read it)."""
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=stdin)
+
+    def state(self, container_id: str) -> dict | None:
+        """`runc state`: None when runc does not know the container (or answers nonsense)."""
+        p = self._run(self.command("state", container_id), None)
+        if p.returncode != 0:
+            return None
+        try:
+            return json.loads(p.stdout)
+        except ValueError:
+            return None
+
+    def ps(self, container_id: str, timeout: float = 30) -> list[int]:
+        """Host PIDs of every process of the container (`runc ps --format json`), sorted."""
+        p = self._run(self.command("ps", "--format", "json", container_id), timeout)
+        if p.returncode != 0:
+            raise RuncError(f"runc ps {container_id} failed: {(p.stderr or '').strip()[-200:]}")
+        return sorted(int(x) for x in json.loads(p.stdout or "[]") or [])
+
+    def pause(self, container_id: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return self._run(self.command("pause", container_id), timeout)
+
+    def resume(self, container_id: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return self._run(self.command("resume", container_id), timeout)
+
+    def exec(self, container_id: str, process: Path, timeout: float) -> subprocess.CompletedProcess:
+        """`runc exec --process FILE` (stdin /dev/null); subprocess.TimeoutExpired past `timeout`."""
+        return self._run(self.command("exec", "--process", str(process), container_id), timeout, subprocess.DEVNULL)
+
+    def delete(self, container_id: str, force: bool = False, timeout: float = 60) -> subprocess.CompletedProcess:
+        return self._run(self.command("delete", *["--force"] * force, container_id), timeout)
+
+    def checkpoint_command(self, container_id: str, opts: CheckpointOpts) -> list[str]:
+        return self._criu_command("checkpoint", *opts.args(), container_id)
+
+    def checkpoint(self, container_id: str, opts: CheckpointOpts, timeout: float) -> subprocess.CompletedProcess:
+        """`runc checkpoint` (its output captured); subprocess.TimeoutExpired past `timeout`."""
+        return self._run(self.checkpoint_command(container_id, opts), timeout)
+
+    def restore_command(self, container_id: str, opts: RestoreOpts) -> list[str]:
+        return self._criu_command("restore", *opts.args(), container_id)
+
+    def restore(self, container_id: str, opts: RestoreOpts, run: RestoreRun) -> subprocess.CompletedProcess:
+        """`runc restore`, bounded (run_bounded): Timeout past run.timeout_s, with runc and its CRIU killed."""
+        cmd = self.restore_command(container_id, opts)
+        return run_bounded(Path(cmd[0]), cmd[1:], run.timeout_s, env=run.env, watch=run.watch, stdio=run.stdio)
+
+    def discard_failed_restore(self, container_id: str) -> list[str]:
+        """Remove what a failed `runc restore` left in runc's state dir, never through a mount; returns notes to log.
+
+        runc bind-mounts the rootfs at <root>/<id>/criu-root for CRIU and unmounts it
+        in a deferred call that a killed runc never runs.  `runc delete --force` on a
+        state dir without state.json then RemoveAll()s through that bind and empties
+        the rootfs.  So everything under the state dir is unmounted first, and runc
+        is called only when nothing is mounted there any more.
+        """
+        state = self.root / container_id
+        left = procfs.umount_under(state)
+        if left:
+            return [f"cleanup: {', '.join(left)} stays mounted; {state} left in place rather than deleted through it"]
+        notes = []
+        p = self.delete(container_id, force=True)
+        if p.returncode != 0 and "not exist" not in (p.stderr or ""):
+            notes.append(f"cleanup: runc delete --force failed: {(p.stderr or '').strip()[-300:]}")
+        if state.is_dir() and not state.is_symlink():
+            try:
+                procfs.remove_tree(state)  # a state dir without state.json: runc's delete does not parse it
+                notes.append(f"cleanup: removed runc state {state} left by the failed restore")
+            except OSError as e:
+                notes.append(f"cleanup: could not remove {state}: {e}")
+        return notes
+
+    def passthrough(self, argv: list[str]) -> int:
+        """runc with the caller's argv unchanged (its global flags included) and stdio inherited; its exit code."""
+        return subprocess.run([str(self.path)] + argv).returncode
+
+    def exec_passthrough(self, argv: list[str]) -> NoReturn:
+        exec_unchanged(self.path, argv)

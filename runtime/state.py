@@ -11,7 +11,7 @@ import fcntl
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .fileutil import write_json_atomic
@@ -25,9 +25,9 @@ class ContainerState:
     bundle: str
     rootfs: str
     runc_root: str | None = None
-    restored: bool = False
-    restored_from: str | None = None
-    dumped: bool = False
+    # created, checkpointed or failed (container.Status): the checkpoint outcome.  Restored-ness is
+    # recorded only by the marker file (StateDir.restored_marker), which launch.py stats.
+    status: str = "created"
     cgroup_path: str | None = None
     share_pid_ns: bool = False
     identity: dict | None = None
@@ -55,7 +55,8 @@ class StateDir:
 
     @property
     def restored_marker(self) -> Path:
-        """Exists once the container was restored; launch.py stats this name to answer `start`."""
+        """Exists once the container was restored (holding the checkpoint id): the one record of it.
+        launch.py stats this name to answer `start`."""
         return self.path / "restored"
 
     @property
@@ -73,7 +74,7 @@ class StateDir:
         (a restore and its undo journal) and `delete`.
 
         runc runs poststop hooks inside a failed restore's cleanup too (its own, and the
-        `runc delete --force` of runc.discard_failed_restore) and inside every `runc
+        `runc delete --force` of Runc.discard_failed_restore) and inside every `runc
         delete`: the hook (hooks/main.py, which checks this name before importing
         anything) leaves the dir alone then.
         """
@@ -128,7 +129,12 @@ class StateDir:
         return (self.path / "state.json").exists()
 
     def load(self) -> ContainerState:
-        return ContainerState(**json.loads((self.path / "state.json").read_text()))
+        """state.json; one written by an earlier version (restored/dumped flags) reads as its status."""
+        data = json.loads((self.path / "state.json").read_text())
+        if data.pop("dumped", False):
+            data["status"] = "checkpointed"
+        known = {f.name for f in fields(ContainerState)}
+        return ContainerState(**{k: v for k, v in data.items() if k in known})
 
     def save(self, st: ContainerState, missing_ok: bool = False) -> bool:
         """Write state.json; with missing_ok, a state dir already removed (the client deleted the

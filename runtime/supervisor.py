@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import config, procfs, readiness, runc, dynamo_protocol
+from . import config, dynamo_protocol, procfs, readiness, runc
+from .container import Container
 from .log import Logger
 from .state import StateDir
 from .store import Store, locate
@@ -70,7 +71,8 @@ class Supervisor:
         self.log = Logger(self.settings.log_dir, Path(self.st.runc_log) if self.st.runc_log else None,
                           {"container": self.st.container_id, "checkpoint_id": self.st.checkpoint_id,
                            "component": "supervisor"})
-        self.g = runc.GlobalOpts.parse(self.st.runc_global)
+        self.runc = runc.Runc(self.settings.runc, runc.GlobalOpts.parse(self.st.runc_global), self.settings.criu)
+        self.container = Container(self.settings, self.runc, self.log, self.sd, self.st)
         self.spec = json.loads((Path(self.st.bundle) / "config.json").read_text())
         self.ready = readiness.from_spec(self.spec)
         self.store = Store(self.settings, self.st.scope)
@@ -109,7 +111,7 @@ class Supervisor:
                 if not procfs.alive(self.pid):
                     log.info("on-ready: the container exited before it was ready; not checkpointed")
                     return False
-                s = runc.state(self.settings.runc, self.g, st.container_id)
+                s = self.runc.state(st.container_id)
                 if s and s.get("status") == "running" and readiness.is_ready(self.pid, self.ready):
                     break
             time.sleep(POLL_S)
@@ -123,24 +125,18 @@ class Supervisor:
         return True
 
     def checkpoint(self) -> None:
-        from .dump import dump  # noqa: PLC0415
         st, log = self.st, self.log
-        res = dump(self.settings, self.g, st, self.sd, log, leave_running=True)
+        res = self.container.checkpoint(leave_running=True)
         if res.ok:
-            st = self.sd.load()
-            st.dumped = True
-            self.sd.save(st)
             meta = json.loads((res.path / "metadata.json").read_text())
             frozen = (meta["dump"].get("criu_stats") or {}).get("frozen_time", 0) / 1e6
             log.info(f"on-ready: checkpointed into {res.path} while running; the worker was paused {frozen:.3f}s",
                      phases=res.phases, pause_s=frozen)
         else:
-            if not res.skipped:
-                self.store.record_dump_failure(st.checkpoint_id, res.reason)
             log.warning(f"on-ready: not checkpointed: {res.reason}")
         dynamo_protocol.notify_checkpoint(self.pid, self.spec, st.checkpoint_id,
-                               res.path or self.store.path(st.checkpoint_id), res.ok, None if res.ok else res.reason,
-                               log=log)
+                                          res.path or self.store.path(st.checkpoint_id), res.ok,
+                                          None if res.ok else res.reason, log=log)
 
 
 def main() -> int:

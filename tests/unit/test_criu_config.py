@@ -152,20 +152,32 @@ def test_create_args_parse():
         runc.CreateArgs.parse(["a", "b"])
 
 
-def test_restore_argv_drops_create_only_flags():
-    g = runc.GlobalOpts.parse(["--root", "/r"])
+def test_restore_command_drops_create_only_flags():
+    rc = runc.Runc(Path("/runc"), runc.GlobalOpts.parse(["--root", "/r"]), Path("/criu"))
     c = runc.CreateArgs.parse(["--bundle", "/b", "--pid-file", "/p", "--no-new-keyring", "--preserve-fds", "1", "c1"])
-    argv = runc.restore_argv(g, Path("/criu"), c, Path("/img"), Path("/work"))
-    assert argv[:4] == ["--root", "/r", "--criu", "/criu"]
-    assert argv[4:6] == ["restore", "--detach"] and argv[-1] == "c1"
-    assert "--no-new-keyring" not in argv and "--preserve-fds" not in argv
+    argv = rc.restore_command("c1", runc.RestoreOpts(Path("/img"), Path("/work"), c, no_subreaper=True))
+    assert argv[:5] == ["/runc", "--root", "/r", "--criu", "/criu"]
+    assert argv[5:7] == ["restore", "--detach"] and argv[-2:] == ["--no-subreaper", "c1"]
+    assert "--no-new-keyring" not in argv and "--preserve-fds" not in argv and "--lsm-profile" not in argv
     assert argv[argv.index("--pid-file") + 1] == "/p" and argv[argv.index("--image-path") + 1] == "/img"
+    lazy = rc.restore_command("c1", runc.RestoreOpts(Path("/i"), Path("/w"), runc.CreateArgs("c1", Path("/b")), lsm_profile="p",
+                                                       lazy_pages=True))
+    assert lazy[-4:] == ["--lsm-profile", "p", "--lazy-pages", "c1"] and "--pid-file" not in lazy
 
 
-def test_checkpoint_argv():
-    g = runc.GlobalOpts.parse([])
-    argv = runc.checkpoint_argv(g, Path("/criu"), "c1", Path("/img"), Path("/w"), leave_running=True)
-    assert argv[-1] == "c1" and "--leave-running" in argv and "--tcp-established" in argv
+def test_checkpoint_command():
+    rc = runc.Runc(Path("/runc"), runc.GlobalOpts.parse(["--criu", "/theirs"]), Path("/criu"))
+    argv = rc.checkpoint_command("c1", runc.CheckpointOpts(Path("/img"), Path("/w"), leave_running=True))
+    assert argv[:3] == ["/runc", "--criu", "/theirs"] and argv.count("--criu") == 1  # the caller's CRIU wins
+    assert argv[-1] == "c1" and "--leave-running" in argv and "--tcp-established" in argv and "--file-locks" in argv
+    assert "--leave-running" not in rc.checkpoint_command("c1", runc.CheckpointOpts(Path("/img"), Path("/w")))
+
+
+def test_plain_verbs_replay_the_callers_global_flags():
+    rc = runc.Runc(Path("/runc"), runc.GlobalOpts.parse(["--root", "/r", "--log", "/l"]), Path("/criu"))
+    assert rc.command("state", "c1") == ["/runc", "--root", "/r", "--log", "/l", "state", "c1"]  # no --criu
+    assert rc.logging_to(Path("/ours")).command("x")[-5:] == ["--log", "/ours", "--log-format", "json", "x"]
+    assert rc.root == Path("/r") and runc.Runc(Path("/runc")).root == Path(runc.DEFAULT_ROOT)
 
 
 def test_wait_exit_returns_the_code_and_times_out():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from warmstart import cuda
+from warmstart import cuda, runc
 from warmstart.spec import Spec
 
 SRC = Path(__file__).parent / "fixtures" / "fake_libcuda.c"
@@ -156,13 +156,13 @@ def test_restore_container_counts_processes(drv, monkeypatch):
     monkeypatch.setattr(cuda.Driver, "load", classmethod(lambda cls, path=None: d))
     monkeypatch.setattr(cuda, "container_pids", lambda *a: [7, 100])
     meta = {"dump": {"cuda": {"processes": 1}}}
-    s = cuda.restore_container(Path("/x"), None, "c", meta)
+    s = cuda.restore_container(runc.Runc(Path("/x")), "c", meta)
     assert s.pids == [100] and d.state(100) == cuda.RUNNING
-    assert cuda.restore_container(Path("/x"), None, "c", {"dump": {}}) is None
+    assert cuda.restore_container(runc.Runc(Path("/x")), "c", {"dump": {}}) is None
     with pytest.raises(RuntimeError, match="holds 2 CUDA process"):
-        cuda.restore_container(Path("/x"), None, "c", {"dump": {"cuda": {"processes": 2}}})
+        cuda.restore_container(runc.Runc(Path("/x")), "c", {"dump": {"cuda": {"processes": 2}}})
 
 
 def test_checkpoint_container_skips_cpu_containers(monkeypatch):
     monkeypatch.setattr(cuda.Driver, "load", classmethod(lambda cls, path=None: pytest.fail("libcuda loaded")))
-    assert cuda.checkpoint_container(Path("/x"), None, "c", {"linux": {"devices": []}}) == (None, None)
+    assert cuda.checkpoint_container(runc.Runc(Path("/x")), "c", {"linux": {"devices": []}}) == (None, None)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from warmstart import intercept, procfs
+from warmstart import container, intercept, procfs
 from warmstart.hooks import main as hook
 from warmstart.state import StateDir
 
@@ -199,14 +199,14 @@ def test_inject_adds_one_poststop_and_no_create_runtime(tmp_path, monkeypatch):
     sd = StateDir(tmp_path, "c1")
     other = {"path": "/usr/bin/nvidia-ctk", "args": ["nvidia-ctk", "hook"]}
     spec = {"annotations": {"a": "b"}, "hooks": {"createContainer": [other], "poststop": [other]}}
-    once = intercept._inject(spec, sd)
+    once = container.inject(spec, sd)
     assert once["annotations"] == {"a": "b", "org.criu.config": str(sd.criu_conf)}
     assert once["hooks"]["createContainer"] == [other] and "createRuntime" not in once["hooks"]
     assert poststops(once)[0] == other and len(poststops(once)) == 2
     ours = poststops(once)[1]
     assert ours["args"][1:] == ["-IS", ours["args"][2], "poststop", "--state-dir", str(sd.path)]
     assert ours["args"][2].endswith("/hooks/main.py") and ours["env"] == ["WARMSTART_CONFIG=/etc/x.toml"]
-    assert intercept._inject(once, sd) == once, "injected twice: two runs per delete"
+    assert container.inject(once, sd) == once, "injected twice: two runs per delete"
     assert spec["hooks"]["poststop"] == [other], "the caller's spec is not modified"
 
 
@@ -218,12 +218,12 @@ def test_inject_adds_one_poststop_and_no_create_runtime(tmp_path, monkeypatch):
 def test_inject_leaves_a_spec_that_carries_warmstarts_poststop_alone(tmp_path, theirs):
     """An engine's hooks.d put warmstart's hook there already: one run per delete, not two."""
     spec = {"hooks": {"poststop": [theirs]}}
-    assert poststops(intercept._inject(spec, StateDir(tmp_path, "c1"))) == [theirs]
+    assert poststops(container.inject(spec, StateDir(tmp_path, "c1"))) == [theirs]
 
 
 def test_inject_without_config_env_sets_no_env(tmp_path, monkeypatch):
     monkeypatch.delenv("WARMSTART_CONFIG")
-    assert "env" not in poststops(intercept._inject({}, StateDir(tmp_path, "c1")))[0]
+    assert "env" not in poststops(container.inject({}, StateDir(tmp_path, "c1")))[0]
 
 
 def test_the_busy_lock_is_held_until_exec(tmp_path):

@@ -61,7 +61,7 @@ def server():
 
 def _run(value, timeout=5):
     # a container in the host's network namespace: no setns needed, no runc involved
-    return hooks_exec.run(hooks_exec.parse(value), Path("/nonexistent/runc"), runc.GlobalOpts(), "c",
+    return hooks_exec.run(hooks_exec.parse(value), runc.Runc(Path("/nonexistent/runc")), "c",
                           {"linux": {"namespaces": [{"type": "pid"}]}}, timeout)
 
 

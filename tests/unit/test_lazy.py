@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from warmstart import annotations, lazy
-from warmstart.runc import GlobalOpts
+from warmstart.runc import CreateArgs, GlobalOpts, RestoreOpts, RestoreRun, Runc
 
 
 def spec(ann: dict[str, str], devices: list[str] | None = None) -> dict:
@@ -115,23 +115,27 @@ def fake_runc(tmp: Path, rc: int) -> Path:
     return p
 
 
+def _restore(work: Path, rc_path: Path, criu: Path, ann: dict[str, str]):
+    rc = Runc(rc_path, GlobalOpts(), criu)
+    opts = RestoreOpts(work, work / "work", CreateArgs("c1", work / "bundle"))
+    return lazy.run_restore(rc, "c1", opts, RestoreRun(10, env={**os.environ, "CRIU_PARALLEL_READS": "4"}),
+                            work, spec(ann))
+
+
 def test_eager_restore_gets_the_parallel_reads_env(work: Path, monkeypatch) -> None:
     monkeypatch.delenv("CRIU_PARALLEL_READS", raising=False)
-    runc = fake_runc(work, 0)
-    p, how = lazy.run_restore(runc, work / "criu", ["restore", "c1"], work, work / "work", spec({}), "c1", GlobalOpts(), None,
-                              eager_env={**os.environ, "CRIU_PARALLEL_READS": "4"})
+    p, how = _restore(work, fake_runc(work, 0), work / "criu", {})
     assert p.returncode == 0 and how.startswith("eager")
-    assert (work / "runc.calls").read_text() == "4 restore c1\n"
+    calls = (work / "runc.calls").read_text().splitlines()
+    assert len(calls) == 1 and calls[0].startswith(f"4 --criu {work}/criu restore --detach ") and calls[0].endswith(" c1")
+    assert "--lazy-pages" not in calls[0]
 
 
 def test_lazy_restore_does_not_get_it_but_its_eager_fallback_does(work: Path, monkeypatch) -> None:
     monkeypatch.delenv("CRIU_PARALLEL_READS", raising=False)
-    runc = fake_runc(work, 1)  # the lazy attempt fails: the eager fallback runs
-    criu = fake_criu(work, "sleep 30")
-    p, how = lazy.run_restore(runc, criu, ["restore", "c1"], work, work / "work",
-                              spec({"warmstart.dev/restore": "lazy"}), "c1", GlobalOpts(), None, timeout=10,
-                              eager_env={**os.environ, "CRIU_PARALLEL_READS": "4"})
+    # the lazy attempt fails: the eager fallback runs
+    p, how = _restore(work, fake_runc(work, 1), fake_criu(work, "sleep 30"), {"warmstart.dev/restore": "lazy"})
     assert how.startswith("eager after lazy failed")
-    calls = (work / "runc.calls").read_text().splitlines()
-    assert calls[0] == "unset restore --lazy-pages c1"
-    assert calls[-1] == "4 restore c1"
+    calls = [c for c in (work / "runc.calls").read_text().splitlines() if " restore " in c]
+    assert calls[0].startswith("unset ") and calls[0].endswith(" --lazy-pages c1")
+    assert calls[-1].startswith("4 ") and "--lazy-pages" not in calls[-1]
