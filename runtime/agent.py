@@ -63,6 +63,28 @@ class Agent:
                 pass
         return len(recs)
 
+    def prefetch(self, max_pulls: int = 4, deadline_s: float = 600) -> list[str]:
+        """[registry] pull = "prefetch": pull the ids this node's pods asked for that are not here, most
+        recently asked first (the pulls share fleet's per-key lock with any create missing them now)."""
+        reg = self.settings.registry
+        if not reg.enabled or reg.pull != "prefetch":
+            return []
+        from . import fleet  # noqa: PLC0415
+        from .store import locate  # noqa: PLC0415
+        done = []
+        for key in sorted(self.wanted, key=self.wanted.get, reverse=True):
+            scope, _, cid = key.partition("/")
+            try:
+                if locate(self.settings, scope, cid) is not None:
+                    continue
+            except ValueError:
+                continue
+            if fleet.pull_on_miss(self.settings, scope, cid, deadline_s):
+                done.append(key)
+            if len(done) >= max_pulls:
+                break
+        return done
+
     def scan_store(self) -> None:
         """Store gauges per namespace; then eviction down to the budget, when one is set."""
         if self.budget_bytes is not None:
@@ -88,6 +110,7 @@ class Agent:
         while not stop.is_set():
             self.read_log()
             if time.monotonic() >= next_scan:
+                self.prefetch()
                 self.scan_store()
                 next_scan = time.monotonic() + interval_s
             stop.wait(1.0)

@@ -47,6 +47,11 @@ class RegistrySettings:
     compress_level: int = 1
 
     @property
+    def pulls_on_miss(self) -> bool:
+        """create pulls a missing checkpoint (prefetch mode also pulls ahead, in the node agent)."""
+        return self.enabled and self.pull in ("on-miss", "prefetch")
+
+    @property
     def enabled(self) -> bool:
         return bool(self.repository)
 

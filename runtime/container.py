@@ -175,6 +175,10 @@ class Container:
         b = self.bundle
         assert b is not None
         store = locate(self.settings, b.scope, b.policy.checkpoint_id)
+        if store is None and not self.st.share_pid_ns and self.settings.registry.pulls_on_miss:
+            from . import fleet  # noqa: PLC0415 - only with a [registry] repository
+            if fleet.pull_on_miss(self.settings, b.scope, b.policy.checkpoint_id):
+                store = locate(self.settings, b.scope, b.policy.checkpoint_id)
         restoring = not self.st.share_pid_ns and store is not None
         self._bind()
         rootfs_dir = Path(self.st.rootfs)
@@ -273,6 +277,9 @@ class Container:
         self._to(Status.CHECKPOINTED if res.ok else Status.FAILED)
         if not res.ok:
             Store(self.settings, self.st.scope).record_dump_failure(self.st.checkpoint_id, res.reason)
+        elif self.settings.registry.enabled:
+            from . import fleet  # noqa: PLC0415
+            fleet.push_in_background(self.settings, self.st.scope, self.st.checkpoint_id)  # detached: no wait
         self.st.status = self.status.value
         if not self.sd.save(self.st, missing_ok=True):
             self.log.warning("the container's warmstart state was removed during the dump (delete gave up waiting)")

@@ -39,7 +39,7 @@ def _seconds(rec: dict[str, Any]) -> float | None:
 def classify(rec: dict[str, Any]) -> Outcome | None:
     """The outcome one runtime-log record reports, or None for the lines that are not one."""
     msg = str(rec.get("msg", ""))
-    ns = str(rec.get("scope") or "_local")
+    ns = str(rec.get("scope") or rec.get("namespace") or "_local")  # the runtime's records / fleet's
     if msg.startswith("restored from "):
         return Outcome("restore", ns, seconds=_seconds(rec))
     if msg.startswith("cold start: "):
@@ -62,10 +62,12 @@ def classify(rec: dict[str, Any]) -> Outcome | None:
     if rec.get("level") in ("warning", "error") and msg.startswith(("not checkpointed: ",
                                                                      "on-ready: not checkpointed: ")):
         return Outcome("dump_failed", ns)
-    if msg.startswith("pulled ") and isinstance(rec.get("seconds"), (int, float)):
-        return Outcome("pull", ns, seconds=float(rec["seconds"]))
-    if msg.startswith("pull failed"):
-        return Outcome("pull_failed", ns)
+    if rec.get("component") == "fleet":  # fleet.py's pulls (on a miss, or the agent's prefetch)
+        if msg.startswith("pulled "):
+            secs = rec.get("seconds")
+            return Outcome("pull", ns, seconds=float(secs) if isinstance(secs, (int, float)) else None)
+        if msg.startswith("pull of ") and " failed: " in msg:
+            return Outcome("pull_failed", ns)
     return None
 
 

@@ -124,7 +124,7 @@ def wait_for(cond, timeout: float = 120) -> None:
 def test_a_second_dump_of_the_same_worker_sends_only_the_changed_chunks(nodes, reg):
     """Dump, push; restore the same worker, let it serve, dump it again, push again: the registry
     receives only the chunks that differ (plus the small-files layer and the config)."""
-    node = nodes()
+    node = nodes(push="off")  # pushed by hand here, so that the registry's log counts these pushes alone
     dump(node, "first", "twice")
     ref = fleet.ref_for(config.load(node.config), "_local", "twice")
     before = reg.uploads()
@@ -163,12 +163,12 @@ def pushed(tmp_path_factory, reg):
     """Checkpoint "carried" of node A's worker, pushed by push_in_background: (node A, its last answer)."""
     shim.become_subreaper()
     a = fleet_node(tmp_path_factory.mktemp("node-a"), f"{reg.addr}/fleet")
-    got = dump(a, "src", "carried")
-    t0 = time.monotonic()
-    assert fleet.push_in_background(config.load(a.config), "_local", "carried")
-    assert time.monotonic() - t0 < 0.5  # detached: the caller never waits for the push
-    wait_for(lambda: fleet_lines(a))
-    (line,) = fleet_lines(a)
+    got = dump(a, "src", "carried")  # push = auto: the dump itself starts the push, detached
+    pushes = lambda: [r for r in fleet_lines(a) if r["msg"].startswith(("pushed", "push"))]  # noqa: E731
+    wait_for(pushes)
+    # its create had missed too: one pull attempt (nothing in the registry yet), then the push
+    assert [r["msg"].split()[0] for r in fleet_lines(a)] == ["pull", "pushed"], fleet_lines(a)
+    (line,) = pushes()
     assert line["msg"].startswith(f"pushed to {reg.addr}/fleet:_local.carried"), line
     print(f"\nbackground push: {line['msg']}")
     yield a, got
@@ -190,6 +190,24 @@ def test_pull_on_miss_then_restore_on_another_node(nodes, pushed):
     got = c.ask()
     assert (got["random"], got["counter"]) == (before["random"], before["counter"] + 1)
     print(f"\npull_on_miss: {pull_s:.2f}s ({line['msg']})")
+
+
+def test_create_on_another_node_pulls_the_missing_checkpoint_and_restores(nodes, pushed):
+    """No pull by hand: node B's create finds no checkpoint, pulls it (pull = on-miss) within its deadline,
+    and restores node A's worker."""
+    _, before = pushed
+    b = nodes()
+    c = b.container("auto", {**ANN, "warmstart.dev/id": "carried"}, ["python3", "/workload.py", str(BUF)])
+    t0 = time.monotonic()
+    c.create()
+    create_s = time.monotonic() - t0
+    c.start()
+    got = c.ask()
+    assert (got["random"], got["counter"]) == (before["random"], before["counter"] + 1)
+    (line,) = fleet_lines(b)
+    assert line["msg"].startswith("pulled "), line
+    assert any(str(r.get("msg", "")).startswith("restored from carried") for r in b.runtime_log())
+    print(f"\ncreate with pull on miss + restore: {create_s:.2f}s ({line['msg']})")
 
 
 def test_concurrent_misses_on_a_node_share_one_pull(nodes, pushed):
@@ -246,8 +264,8 @@ def test_a_bad_registry_answer_is_a_cold_start_with_one_line(nodes, reg, pushed,
         subprocess.run(["skopeo", "copy", "--quiet", "--src-tls-verify=false", "--dest-tls-verify=false",
                         f"docker://{src}", f"docker://{reg.addr}/fleet:tenant-a.carried"], check=True)
     if case == "tampered-blob":
-        dump(a, "tampered", "tampered")
-        ws(a, "push", "tampered")
+        dump(a, "tampered", "tampered")  # pushed by the dump (push = auto)
+        wait_for(lambda: any(r["msg"].startswith("pushed") and "_local.tampered" in r["msg"] for r in fleet_lines(a)))
         tamper(reg, f"{reg.addr}/fleet:_local.tampered")
     b = nodes(repository)
     settings = config.load(b.config)
@@ -259,3 +277,30 @@ def test_a_bad_registry_answer_is_a_cold_start_with_one_line(nodes, reg, pushed,
     assert "store is unchanged" in lines[0]["msg"]
     assert store_state(b) == state and not (b.store_root / scope / cid).exists()
     print(f"\n{case}: {lines[0]['msg'][:300]}")
+
+
+def test_the_node_agent_prefetches_what_this_nodes_pods_asked_for(nodes, pushed):
+    """A pod on node C asked for "carried" and started cold (pulls off then); with pull = "prefetch" the
+    node agent finds that in the runtime log and pulls the checkpoint ahead of the next pod."""
+    from warmstart.agent import Agent
+
+    c_node = nodes(pull="off")
+    (c_node.base / "logs").mkdir(exist_ok=True)
+    (c_node.base / "logs" / "runtime.log").touch()
+    agent = Agent(config.load(c_node.config))
+    c = c_node.container("first", {**ANN, "warmstart.dev/id": "carried"}, ["python3", "/workload.py", str(BUF)])
+    c.create()
+    c.start()
+    c.readline()  # a cold start: "ready"
+    agent.read_log()
+    assert agent.prefetch() == []  # pull = off: nothing
+    c_node.config.write_text(c_node.config.read_text().replace('pull = "off"', 'pull = "prefetch"'))
+    agent = Agent(config.load(c_node.config), from_start=True)
+    agent.read_log()
+    assert agent.prefetch() == ["_local/carried"]
+    assert (c_node.store / "carried" / "checkpoint.done").is_file()
+    agent.read_log()  # the pull's own line counts as a pull
+    assert agent.metrics.registry.get_sample_value("warmstart_pulls_total",
+                                                   {"namespace": "_local", "outcome": "ok"}) == 1
+    assert agent.metrics.registry.get_sample_value("warmstart_cold_starts_total",
+                                                   {"namespace": "_local", "reason": "no_checkpoint"}) == 1
