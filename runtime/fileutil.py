@@ -27,6 +27,53 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+# A checkpoint's big page files are hashed as a tree: SHA-256 over the SHA-256 digests of its
+# consecutive 64 MiB pieces, which threads compute side by side (hashlib releases the GIL). One
+# SHA-256 stream over a GPU worker's 12 GB pages file ran at ~0.9 GB/s and was most of its publish.
+TREE_SCHEME = "sha256-tree-64MiB"
+TREE_PIECE = 64 << 20
+TREE_MIN = 256 << 20  # smaller files: one plain SHA-256 (no thread pool for a handful of pieces)
+
+
+def sha256_tree(path: Path, size: int, workers: int | None = None) -> str:
+    """TREE_SCHEME's digest of the first `size` bytes of `path` (links are not followed); OSError when
+    the file is shorter."""
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+    def piece(off: int) -> bytes:
+        h = hashlib.sha256()
+        end = min(off + TREE_PIECE, size)
+        while off < end:
+            b = os.pread(fd, min(HASH_CHUNK, end - off), off)
+            if not b:
+                raise OSError(f"{path.name}: shorter than {size} bytes")
+            h.update(b)
+            off += len(b)
+        return h.digest()
+    try:
+        with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+            digests = list(pool.map(piece, range(0, size, TREE_PIECE)))
+    finally:
+        os.close(fd)
+    return hashlib.sha256(b"".join(digests)).hexdigest()
+
+
+def manifest_entry(path: Path, size: int) -> dict[str, Any]:
+    """A checkpoint manifest's entry for one file: its size and its digest (tree-hashed when big)."""
+    if size >= TREE_MIN:
+        return {"sha256": sha256_tree(path, size), "size": size, "hash": TREE_SCHEME}
+    return {"sha256": sha256_file(path), "size": size}
+
+
+def manifest_digest(path: Path, entry: dict[str, Any]) -> str:
+    """The digest of `path` computed as the manifest entry says it was (plain SHA-256 by default)."""
+    if entry.get("hash") == TREE_SCHEME:
+        return sha256_tree(path, int(entry["size"]))
+    return sha256_file(path)
+
+
 def write_json_atomic(path: Path, obj: Any, mode: int = 0o600) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
     data = json.dumps(obj, indent=1, sort_keys=True).encode()

@@ -35,7 +35,7 @@ from .ids import validate_id
 from .config import Settings
 from .trust import K8S_NAMESPACE_RE, LOCAL_SCOPE
 from .dynamo_protocol import marker_body
-from .fileutil import fsync_path, sha256_file, write_json_atomic  # noqa: F401 - re-exported
+from .fileutil import fsync_path, manifest_digest, manifest_entry, sha256_file, write_json_atomic  # noqa: F401
 from .signing import SignatureError, TrustPolicy, sign
 
 MARKER = "checkpoint.done"
@@ -171,7 +171,7 @@ class Store:
         # GIL: run them side by side instead of one after the other.  Both end before the marker.
         with ThreadPoolExecutor(max_workers=1) as pool:
             synced = pool.submit(lambda: [fsync_path(entry) for entry, _ in files])
-            manifest = {entry.name: {"sha256": sha256_file(entry), "size": size} for entry, size in files}
+            manifest = {entry.name: manifest_entry(entry, size) for entry, size in files}
             synced.result()
         total = sum(size for _, size in files)
         metadata = dict(metadata, manifest=manifest)
@@ -546,7 +546,7 @@ def verify_dir(path: Path, cid: str, policy: TrustPolicy, scope: str) -> tuple[d
                               f"found in the store of {scope!r}")
     _check_entries(path, metadata)
     for name, want in metadata["manifest"].items():
-        got = sha256_file(path / name)
+        got = manifest_digest(path / name, want)
         if got != want["sha256"]:
             raise CheckpointError(f"{name}: SHA-256 mismatch (manifest {want['sha256'][:12]}…, file {got[:12]}…)")
     return metadata, signer

@@ -343,7 +343,7 @@ def reseal(node: Node, cid: str) -> None:
     path = node.store / cid
     meta = json.loads((path / "metadata.json").read_text())
     for name in meta["manifest"]:
-        meta["manifest"][name] = {"sha256": store.sha256_file(path / name), "size": (path / name).stat().st_size}
+        meta["manifest"][name] = store.manifest_entry(path / name, (path / name).stat().st_size)
     (path / "metadata.json").write_text(json.dumps(meta))
     store.Store(config.load(node.config)).seal(cid, path, meta)  # the _local scope, as node.store
 
