@@ -119,6 +119,38 @@ def load_image(path: Path) -> dict[str, Any]:
         return images.load(f)
 
 
+def record_thawed(image_dir: Path) -> bool:
+    """Make the dump's cgroup image say THAWED where it says the freezer was FROZEN; True when it changed.
+
+    With --freeze-cgroup CRIU records the freezer state it found, and warmstart's on-stop dump pauses
+    the container itself (so that memory and rootfs are of one instant): the image then says FROZEN,
+    and a restore whose cgroup CRIU has to create writes FROZEN back after the tasks are in it, and
+    the restored container stays paused.  The workload was running; the image says so.
+    """
+    from pycriu import images  # noqa: PLC0415 - dump path only
+
+    p = image_dir / "cgroup.img"
+    if not p.is_file():
+        return False
+    with open(p, "rb") as f:
+        img = images.load(f)
+    changed = False
+    stack = [d for e in img.get("entries") or [] for c in e.get("controllers") or [] for d in c.get("dirs") or []]
+    while stack:
+        d = stack.pop()
+        for prop in d.get("properties") or []:
+            if prop.get("name") == "freezer.state" and prop.get("value") != "THAWED":
+                prop["value"] = "THAWED"
+                changed = True
+        stack += d.get("children") or []
+    if changed:
+        tmp = p.with_name(p.name + ".tmp")
+        with open(tmp, "wb") as f:
+            images.dump(img, f)
+        os.replace(tmp, p)
+    return changed
+
+
 # stats.proto, the only image read on the restore path: decoded here because importing
 # pycriu (protobuf and every image's module) costs ~60 ms of `create`.
 _STATS_FIELDS = {

@@ -145,6 +145,8 @@ def dump(ct: Container, leave_running: bool = False, frozen: bool = False) -> Du
                 return DumpResult(DumpOutcome.FAILED, f"runc checkpoint failed (exit {p.returncode}): "
                                   f"{_last_error(p.stderr, work / 'dump.log')}" + (f" (CRIU log: {kept})" if kept else ""))
             stopped = not leave_running
+            if paused:
+                criu.record_thawed(tmp)  # the FROZEN CRIU found was warmstart's own pause
             final = _publish(ct, store, spec, tmp, work, cuda_s, ph)
             return DumpResult(DumpOutcome.PUBLISHED, "checkpoint published", final, dict(ph.timings))
         except Exception as e:  # noqa: BLE001 - every failure means: no checkpoint, stop as plain runc

@@ -64,6 +64,21 @@ def stop_and_delete(c: shim.Container) -> subprocess.CompletedProcess:
     return p
 
 
+def freezer_states(image_dir: Path) -> list[str]:
+    """The freezer.state values a checkpoint's cgroup image records (CRIU restores them where it makes the dir)."""
+    from pycriu import images
+
+    with open(image_dir / "cgroup.img", "rb") as f:
+        img = images.load(f)
+    stack = [d for e in img["entries"] for c in e.get("controllers") or [] for d in c.get("dirs") or []]
+    out = []
+    while stack:
+        d = stack.pop()
+        out += [p["value"] for p in d.get("properties") or [] if p["name"] == "freezer.state"]
+        stack += d.get("children") or []
+    return out
+
+
 def cgroup_of(pid: int) -> str:
     return Path(f"/proc/{pid}/cgroup").read_text()
 
@@ -76,6 +91,8 @@ def test_state_survives_checkpoint_on_stop_and_restore_into_new_container(node):
     meta = json.loads((node.store / "e2e-state" / "metadata.json").read_text())
     assert meta["container"]["rootfs"]["kind"] == ("overlay" if node.overlay else "dir")
     assert meta["dump"]["criu_stats"]["pages_written"] > 2000  # the 8 MiB buffer went into the image
+    # the dump paused the container itself: its image must not tell a restore to freeze the new one
+    assert freezer_states(node.store / "e2e-state") == ["THAWED"]
 
     b = node.container("gen2", ann("e2e-state"))
     b.create()
