@@ -19,6 +19,8 @@ import prctl
 import pytest
 
 RUNTIME = os.environ.get("WARMSTART_RUNTIME", "/usr/local/bin/warmstart-runtime")
+# The CRIU every test node's config names: a private build is tested without replacing the node's.
+CRIU = Path(os.environ.get("WARMSTART_CRIU", "/usr/local/sbin/criu"))
 
 # A Python workload with state in memory: a random value drawn at start, a counter,
 # a large buffer.  It answers one JSON line on stdout per line read on stdin.
@@ -295,7 +297,7 @@ class Node:
         self.config = self.base / "config.toml"
         self.config.write_text(
             f'store = "{self.store_root}"\nseal_dir = "{self.base}/seals"\nstate_dir = "{self.base}/state"\n'
-            f'log_dir = "{self.base}/logs"\ncriu = "/usr/local/sbin/criu"\n')
+            f'log_dir = "{self.base}/logs"\ncriu = "{CRIU}"\n')
         self.root = self.base / "runc-root"
         self.template = make_rootfs(self.base)
 
