@@ -41,13 +41,7 @@ COW_MIB = int(os.environ.get("WARMSTART_TEST_COW_MIB", "256"))
 THREADS = 2
 PARALLEL_LINE = re.compile(r"Reading (\d+) bytes of pages in \d+ chunks with (\d+) threads")
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CRIU)"),
-    pytest.mark.skipif(not shutil.which("unshare"), reason="needs unshare (util-linux)"),
-    pytest.mark.skipif(not criu.has_parallel_reads(CRIU),
-                       reason=f"{CRIU} lacks warmstart's parallel-reads patch (install.sh)"),
-]
+pytestmark = shim.parallel_reads_marks("unshare")
 
 # The tree.  argv: DIR KIDS COW_MIB OWN_MIB.  The root maps a private region of COW_MIB filled with
 # random bytes, forks KIDS children (child i rewrites up to 4 MiB at i/KIDS of the region), then maps
@@ -372,12 +366,15 @@ def test_root_with_16_children_forks_no_slower_and_commits_no_more_with_parallel
     tree.start()
     want = tree.report(tree.pid)
     tree.dump(base / "img")
-    off = restore_and_check(tree, base / "img", want, 1, "serial")
-    on = restore_and_check(tree, base / "img", want, THREADS, "parallel")
-    fork_on, fork_off = on.stats["forking_time"] / 1e6, off.stats["forking_time"] / 1e6
+    runs: dict[str, list[Restored]] = {"serial": [], "parallel": []}
+    for rep in range(2):  # interleaved; the minimum of each drops what the node's other work adds
+        for threads, tag in ((1, "serial"), (THREADS, "parallel")):
+            runs[tag].append(restore_and_check(tree, base / "img", want, threads, f"{tag}{rep}"))
+    fork_on, fork_off = (min(r.stats["forking_time"] for r in runs[t]) / 1e6 for t in ("parallel", "serial"))
+    peak_on, peak_off = (min(r.peak_committed for r in runs[t]) for t in ("parallel", "serial"))
     print(f"fork: parallel {fork_on:.3f} s, serial {fork_off:.3f} s; peak Committed_AS above the start: "
-          f"parallel {on.peak_committed >> 20} MiB, serial {off.peak_committed >> 20} MiB")
-    # 4.1.1's patch copied the root's own 384 MiB into each of the 16 forks: ~6 GiB more, and
-    # every fork copied its page tables.  A margin of one root's worth absorbs the node's noise.
+          f"parallel {peak_on >> 20} MiB, serial {peak_off >> 20} MiB")
+    # 4.1.1's patch copied the root's own 384 MiB into each of the 16 forks (measured here: peak
+    # +8.3 GiB against +1.0 GiB).  A margin of one root's worth absorbs the node's noise.
     assert fork_on <= max(3 * fork_off, fork_off + 0.1), (fork_on, fork_off)
-    assert on.peak_committed <= off.peak_committed + (own_mib << 20), (on.peak_committed, off.peak_committed)
+    assert peak_on <= peak_off + (own_mib << 20), (peak_on, peak_off)
