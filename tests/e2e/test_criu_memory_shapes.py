@@ -7,8 +7,9 @@ reports SHA-256 digests of what it sees on SIGUSR1; after each restore every rep
 the one taken before the dump, and the restore with parallel reads must have used them (its log
 says so).  Shapes: copy-on-write fan-out (a shared region, 4 children each rewriting a part of
 their copy), a sparse region (untouched, zero-faulted, zero-written and random pages), a modified
-MAP_PRIVATE file mapping, a two-level image chain (pre-dump, then dump), and a root with 16
-children (fork time and peak Committed_AS no higher than CRIU's own path).
+MAP_PRIVATE file mapping, a MADV_HUGEPAGE region (back in huge pages with parallel reads), a
+two-level image chain, and a root with 16 children (fork time and peak Committed_AS no higher than
+CRIU's own path).
 
 The shared region is 256 MiB, not 1 GiB: three restores of it run on a 2-vCPU VM shared with
 other work; WARMSTART_TEST_COW_MIB sets it.
@@ -84,13 +85,29 @@ else:
         filemap = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE)
     for p in range(0, len(filemap) // PAGE, 3):
         filemap[p * PAGE:p * PAGE + 16] = os.urandom(16)
-    regions = {"cow": cow, "own": own, "sparse": sparse, "filemap": filemap}
+    huge = mmap.mmap(-1, 32 << 20, **PRIV)
+    huge.madvise(mmap.MADV_HUGEPAGE)
+    fill(huge, 0, len(huge))
+    regions = {"cow": cow, "own": own, "sparse": sparse, "filemap": filemap, "huge": huge}
+
+def huge_kb(m):
+    """AnonHugePages of the VMA that holds mapping m."""
+    import ctypes
+    start, hit = "%x-" % ctypes.addressof(ctypes.c_char.from_buffer(m)), False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
+                hit = line.startswith(start)
+            elif hit and line.startswith("AnonHugePages:"):
+                return int(line.split()[1])
+    return -1
 
 def report(*_):
     out = {k: hashlib.sha256(m).hexdigest() for k, m in regions.items()}
     if "sparse" in regions:
         s, z = regions["sparse"], bytes(PAGE)
         out["sparse_zeros"] = all(s[p * PAGE:(p + 1) * PAGE] == z for p in range(len(s) // PAGE) if p % 4 != 3)
+        out["huge_kb"] = huge_kb(regions["huge"])
     with open(f"{d}/report-{name}.tmp", "w") as f:
         json.dump(out, f)
     os.rename(f"{d}/report-{name}.tmp", f"{d}/report-{name}.json")
@@ -124,6 +141,7 @@ class Restored:
     log: str
     stats: dict
     peak_committed: int  # bytes above the level before the restore
+    huge_kb: int | None = None  # AnonHugePages of the root's MADV_HUGEPAGE region after the restore
 
 
 @dataclass
@@ -245,6 +263,9 @@ def restore_and_check(tree: Tree, images: Path, want: dict, threads: int, tag: s
     r = tree.restore(images, tree.base / f"work-{tag}", threads)
     try:
         got = tree.report(r.pid)
+        r.huge_kb = got["root"].pop("huge_kb", None)
+        for w in want.values():
+            w.pop("huge_kb", None)
         assert got == want, f"{tag}: restored views differ from the dumped ones: {got} != {want}"
         assert len(descendants(r.pid)) == tree.kids, f"{tag}: every child restored"
     finally:
@@ -281,10 +302,13 @@ def test_cow_fanout_sparse_and_private_file_restore_whole_with_parallel_reads_an
     tree.start()
     want = tree.report(tree.pid)
     assert want["root"]["sparse_zeros"] is True
+    thp = want["root"].pop("huge_kb") > 0  # the node gives huge pages to a MADV_HUGEPAGE region
     assert len({want[n]["cow"] for n in tree.names}) == 5, "each child's copy differs from the root's and each other's"
     tree.dump(base / "img")
     on = restore_and_check(tree, base / "img", want, THREADS, "parallel")
     assert "for parallel reads, kept out of the children" in on.log, "the root's own VMAs were premapped DONTFORK"
+    if thp:  # premapped at its huge-page offset and read with MADV_HUGEPAGE: it comes back in huge pages
+        assert on.huge_kb == 32 << 10, on.huge_kb
     restore_and_check(tree, base / "img", want, 1, "serial")
 
 
@@ -356,7 +380,7 @@ def test_two_level_image_chain_restores_with_parallel_reads_and_without(base):
     in_parent, own = make_chain(base / "parent", base / "full", base / "img")
     assert in_parent > 100 * own > 0, (in_parent, own)
     for threads, tag in ((THREADS, "parallel"), (1, "serial")):
-        r = restore_and_check(tree, base / "img", after, threads, tag)
+        r = restore_and_check(tree, base / "img", after, threads, tag)  # (after: huge_kb dropped)
         assert re.search(r"Opened local page read \d+ \(parent [1-9]", r.log), f"{tag}: read through the chain"
 
 
