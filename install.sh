@@ -134,7 +134,7 @@ criu_usable() {
   [ -n "$v" ] && version_ge "$v" "$CRIU_MIN" || return 1
   stamp="$(cat "$bin.warmstart-patch" 2>/dev/null || true)"
   if [ -n "$stamp" ] && [ "$stamp" != "$(criu_patch_id)" ]; then
-    log "$bin ($v) is an older warmstart build; building $CRIU_VERSION with the current patches"
+    log "$bin ($v) was built by install.sh from other patches; building $CRIU_VERSION with the current ones"
     return 1
   fi
   kernel="$(uname -r | cut -d- -f1)"
