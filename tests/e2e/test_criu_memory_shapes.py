@@ -168,13 +168,14 @@ class Tree:
             ["unshare", "--pid", "--fork", sys.executable, str(self.dir / "tree.py"), str(self.dir),
              str(self.kids), str(self.cow_mib), str(self.own_mib)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        kids = Path(f"/proc/{self.unshare.pid}/task/{self.unshare.pid}/children")
+        wait_for(lambda: self.unshare.poll() is not None or kids.read_text().split(), 30, "the tree's init")
+        assert self.unshare.poll() is None, f"the tree exited ({self.unshare.returncode}) at once"
+        self.pid = int(kids.read_text().split()[0])
+        LIVE.append(self.pid)  # from here the teardown kills it, ready or not
         wait_for(lambda: all((self.dir / f"ready-{n}").exists() for n in self.names) or self.unshare.poll() is not None,
                  120, "tree ready")
         assert self.unshare.poll() is None, f"the tree exited ({self.unshare.returncode}) before it was ready"
-        kids = Path(f"/proc/{self.unshare.pid}/task/{self.unshare.pid}/children").read_text().split()
-        assert len(kids) == 1, kids
-        self.pid = int(kids[0])
-        LIVE.append(self.pid)
 
     def report(self, pid: int) -> dict[str, dict]:
         for n in self.names:
