@@ -21,20 +21,23 @@ CONTAINERD_CONFIG="${WARMSTART_CONTAINERD_CONFIG:-/etc/containerd/config.toml}"
 CONTAINERD_CONFD="${WARMSTART_CONTAINERD_CONFD:-/etc/containerd/conf.d}"
 SYS_PYTHON=/usr/bin/python3        # never the pyenv shim that may be first on PATH
 
-CRIU_VERSION=4.1.1
+CRIU_VERSION=4.2.1
 # The minimum CRIU is runtime/criu.py's MIN_VERSION, read here so there is one.
 CRIU_MIN="$(sed -n 's/^MIN_VERSION = (\([0-9]*\), \([0-9]*\)).*/\1.\2/p' "$REPO_DIR/runtime/criu.py")"
 [ -n "$CRIU_MIN" ] || { echo "install.sh: cannot read MIN_VERSION from runtime/criu.py" >&2; exit 1; }
 CRIU_TARBALL="criu_${CRIU_VERSION}.orig.tar.xz"
-CRIU_SHA256=f80a66cb3726bb2116266d4759ce3bcbfab7abdb6b6d430bf20dd41911717afe
+CRIU_SHA256=29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9
+# Debian suite whose sources carry CRIU_VERSION (4.2.1: forky/sid; trixie has 4.1.1).
+CRIU_SUITE=sid
 CRIU_SRC="$CACHE/criu-$CRIU_VERSION"
-# warmstart's patches to CRIU 4.1.1, applied in name order:
-# - so-passcred: Linux >= 6.16 refuses getsockopt(SO_PASSCRED/SO_PASSSEC) on inet sockets;
-#   CRIU 4.1.1 then fails to dump any process with a TCP socket (criu#2705, fixed after 4.1.1).
-# - parallel-reads: CRIU_PARALLEL_READS=N spreads an eager restore's page reads over N threads.
+# warmstart's patches to CRIU 4.2.1, applied in name order (each file's header says why,
+# what was measured and where upstream stands):
 # - kdat-cache: keep CRIU's kernel-feature cache on any /run (tied to the boot id), so that
 #   each CRIU call does not re-probe the kernel and run iptables three times (~40-80 ms).
+# - parallel-reads: CRIU_PARALLEL_READS=N spreads the root task's eager page reads over N
+#   workers, its own VMAs premapped MADV_DONTFORK so that children do not inherit them.
 CRIU_PATCHES=("$REPO_DIR"/packaging/criu-"$CRIU_VERSION"-*.patch)
+# Below this, CRIU cannot dump a TCP socket on Linux >= 6.16 (SO_PASSCRED, criu#2705).
 CRIU_FIXED=4.2
 
 PACKAGES=(runc containerd skopeo umoci busybox-static containernetworking-plugins iproute2 podman docker-registry
@@ -113,26 +116,31 @@ T0=$SECONDS
 # ---------------------------------------------------------------- helpers
 pkg_installed() { [ "$(dpkg-query -W -f='${db:Status-Abbrev}' "$1" 2>/dev/null)" = "ii " ]; }
 
-# Version of a criu binary ("4.1.1"), or empty.
+# Version of a criu binary ("4.2.1"), or empty.
 criu_version() { "$1" --version 2>/dev/null | sed -n 's/^Version: *//p' | head -n1; }
 
 # version_ge A B: A >= B (dpkg's comparison, handles 4.1 vs 4.1.1 vs 3.17.1).
 version_ge() { dpkg --compare-versions "$1" ge "$2"; }
 
-# criu_usable PATH: executable, version >= CRIU_MIN and 'criu check' passes.
-# Stamp beside a CRIU we built: one hash over the patches it was built with.
-criu_patch_id() { cat "${CRIU_PATCHES[@]}" | sha256sum | awk '{print $1}'; }
+# Stamp beside a CRIU we built: one hash over the version and the patches it was built with.
+criu_patch_id() { { echo "$CRIU_VERSION"; cat "${CRIU_PATCHES[@]}"; } | sha256sum | awk '{print $1}'; }
 
+# criu_usable PATH: executable, version >= CRIU_MIN, 'criu check' passes, not an older build
+# of ours (its stamp names other patches), and able to dump TCP sockets on this kernel.
 criu_usable() {
-  local bin="$1" v kernel
+  local bin="$1" v kernel stamp
   [ -x "$bin" ] || return 1
   v="$(criu_version "$bin")"
   [ -n "$v" ] && version_ge "$v" "$CRIU_MIN" || return 1
+  stamp="$(cat "$bin.warmstart-patch" 2>/dev/null || true)"
+  if [ -n "$stamp" ] && [ "$stamp" != "$(criu_patch_id)" ]; then
+    log "$bin ($v) was built by install.sh from other patches; building $CRIU_VERSION with the current ones"
+    return 1
+  fi
   kernel="$(uname -r | cut -d- -f1)"
-  if version_ge "$kernel" 6.16 && ! version_ge "$v" "$CRIU_FIXED" \
-     && [ "$(cat "$bin.warmstart-patch" 2>/dev/null)" != "$(criu_patch_id)" ]; then
-    log "$bin ($v) lacks warmstart's current patches (the SO_PASSCRED fix that kernel $kernel needs," \
-        "parallel page reads); building a patched $CRIU_VERSION"
+  if version_ge "$kernel" 6.16 && ! version_ge "$v" "$CRIU_FIXED"; then
+    log "$bin ($v) cannot dump TCP sockets on kernel $kernel (SO_PASSCRED, fixed in CRIU $CRIU_FIXED);" \
+        "building $CRIU_VERSION"
     return 1
   fi
   "$bin" check >/dev/null 2>&1
@@ -148,7 +156,7 @@ with open(sys.argv[1], "rb") as f:
 PY
 }
 
-# URI of the Debian archive this machine uses (for the trixie source fetch).
+# URI of the Debian archive this machine uses (for the CRIU source fetch).
 debian_mirror() {
   local uri=""
   if [ -f /etc/apt/sources.list.d/debian.sources ]; then
@@ -181,15 +189,15 @@ fetch_criu_tarball() {
     mirror="$(debian_mirror)"
     mkdir -p "$tmp/lists/partial" "$tmp/cache/archives/partial" "$tmp/dl"
     if [ -f "$keyring" ]; then
-      echo "deb-src [signed-by=$keyring] $mirror trixie main" >"$tmp/sources.list"
+      echo "deb-src [signed-by=$keyring] $mirror $CRIU_SUITE main" >"$tmp/sources.list"
     else
-      echo "deb-src $mirror trixie main" >"$tmp/sources.list"
+      echo "deb-src $mirror $CRIU_SUITE main" >"$tmp/sources.list"
     fi
     opts=(-o "Dir::Etc::SourceList=$tmp/sources.list" -o "Dir::Etc::SourceParts=$tmp/none"
           -o "Dir::State::Lists=$tmp/lists" -o "Dir::Cache=$tmp/cache" -o "APT::Sandbox::User=root")
-    log "fetching $CRIU_TARBALL from $mirror (trixie sources, private apt state)"
+    log "fetching $CRIU_TARBALL from $mirror ($CRIU_SUITE sources, private apt state)"
     apt-get "${opts[@]}" -qq update >"$tmp/update.log" 2>&1 \
-      || { cat "$tmp/update.log" >&2; rm -rf "$tmp"; die "apt-get update for trixie deb-src ($mirror) failed"; }
+      || { cat "$tmp/update.log" >&2; rm -rf "$tmp"; die "apt-get update for $CRIU_SUITE deb-src ($mirror) failed"; }
     # The .dsc may 404 while the orig tarball arrives: judge by the file, not the exit code.
     (cd "$tmp/dl" && apt-get "${opts[@]}" -qq source --download-only criu >"$tmp/source.log" 2>&1) || true
     if [ ! -f "$tmp/dl/$CRIU_TARBALL" ]; then
@@ -197,7 +205,7 @@ fetch_criu_tarball() {
       local got_files
       got_files="$(ls "$tmp/dl" 2>/dev/null | tr '\n' ' ')"
       rm -rf "$tmp"
-      die "could not download $CRIU_TARBALL from trixie (got: ${got_files:-nothing}); put it at $dest or set WARMSTART_CRIU_TARBALL"
+      die "could not download $CRIU_TARBALL from $CRIU_SUITE (got: ${got_files:-nothing}); put it at $dest or set WARMSTART_CRIU_TARBALL"
     fi
     mv "$tmp/dl/$CRIU_TARBALL" "$dest.part"
     rm -rf "$tmp"

@@ -111,7 +111,7 @@ def criu_checks(criu: Path, label="criu"):
     out = []
     if not criu.exists():
         out.append(fail(f"{label}.binary", f"{criu} not found",
-                        f"{INSTALL_HINT} (builds CRIU 4.1.1 into /usr/local/sbin/criu) or set criu = \"...\" in the config"))
+                        f"{INSTALL_HINT} (builds CRIU 4.2.1 into /usr/local/sbin/criu) or set criu = \"...\" in the config"))
         return out
     if not _is_exec(criu):
         out.append(fail(f"{label}.binary", f"{criu} is not executable", f"chmod 0755 {criu}"))
@@ -150,9 +150,9 @@ def check_criu_sockopts(criu: Path, ver: tuple, label: str = "criu") -> tuple:
         return ok(f"{label}.sockopts", f"kernel {os.uname().release} and CRIU {'.'.join(map(str, ver))} agree on socket options")
     stamp = Path(str(criu) + ".warmstart-patch")
     if stamp.exists():
-        return ok(f"{label}.sockopts", "built by install.sh with the SO_PASSCRED patch that this kernel needs")
+        return ok(f"{label}.sockopts", "an older install.sh build, patched for SO_PASSCRED on this kernel")
     return fail(f"{label}.sockopts", f"CRIU {'.'.join(map(str, ver))} without the SO_PASSCRED fix cannot dump TCP sockets "
-                f"on kernel {os.uname().release} (criu#2705)", f"{INSTALL_HINT} (it builds a patched CRIU)")
+                f"on kernel {os.uname().release} (criu#2705)", f"{INSTALL_HINT} (it builds CRIU 4.2.1)")
 
 
 def check_parallel_reads(settings) -> tuple:
@@ -473,7 +473,7 @@ def check_venv(interp: Path | None):
         wv, pv = text.split()[-2:]
         return [ok("python.packages", f"{py}: warmstart {wv}, pycriu {pv}")]
     return [fail("python.packages", f"{py}: {_last_line(text)}",
-                 INSTALL_HINT + " (installs warmstart and pycriu from the CRIU 4.1.1 source into the venv)")]
+                 INSTALL_HINT + " (installs warmstart and pycriu from the CRIU 4.2.1 source into the venv)")]
 
 
 def check_runtime_criu(settings, handler_opts):

@@ -19,6 +19,18 @@ import prctl
 import pytest
 
 RUNTIME = os.environ.get("WARMSTART_RUNTIME", "/usr/local/bin/warmstart-runtime")
+# The CRIU every test node's config names: a private build is tested without replacing the node's.
+CRIU = Path(os.environ.get("WARMSTART_CRIU", "/usr/local/sbin/criu"))
+
+
+def parallel_reads_marks(*tools: str) -> list[pytest.MarkDecorator]:
+    """Marks of an e2e module that needs root, these tools on PATH and a CRIU with warmstart's parallel-reads patch."""
+    from warmstart import criu  # noqa: PLC0415 - the tests' conftest puts the repo's package first
+
+    return [pytest.mark.e2e, pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CRIU)"),
+            *(pytest.mark.skipif(not shutil.which(t), reason=f"needs {t} (install.sh)") for t in tools),
+            pytest.mark.skipif(not criu.has_parallel_reads(CRIU),
+                               reason=f"{CRIU} lacks warmstart's parallel-reads patch (install.sh)")]
 
 # A Python workload with state in memory: a random value drawn at start, a counter,
 # a large buffer.  It answers one JSON line on stdout per line read on stdin.
@@ -295,7 +307,7 @@ class Node:
         self.config = self.base / "config.toml"
         self.config.write_text(
             f'store = "{self.store_root}"\nseal_dir = "{self.base}/seals"\nstate_dir = "{self.base}/state"\n'
-            f'log_dir = "{self.base}/logs"\ncriu = "/usr/local/sbin/criu"\n')
+            f'log_dir = "{self.base}/logs"\ncriu = "{CRIU}"\n')
         self.root = self.base / "runc-root"
         self.template = make_rootfs(self.base)
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import shim  # noqa: E402
 from shim import subreaper  # noqa: E402, F401 - autouse: this module plays the shim
 
-CRIU = Path("/usr/local/sbin/criu")
+CRIU = shim.CRIU
 HOOK = Path(__file__).parent / "fixtures" / "fake_ctk_hook.sh"
 pytestmark = [
     pytest.mark.e2e,

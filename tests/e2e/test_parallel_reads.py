@@ -2,34 +2,24 @@
 
 Real runc and the patched CRIU, driven as the shim drives warmstart-runtime.
 The workload is a process family (root with a large buffer and two threads,
-two forked children with buffers of their own): the helper threads live in the
+two forked children with buffers of their own): the helper processes live in the
 container's pid namespace while the root reads, and the children and threads
 must still get their own pids back afterwards.
 """
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
-from warmstart import criu
-
 sys.path.insert(0, str(Path(__file__).parent))
 import shim  # noqa: E402
 from shim import subreaper  # noqa: E402, F401 - autouse: this module plays the shim
 
-CRIU = Path("/usr/local/sbin/criu")
-
-
 pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (runc, CRIU)"),
-    pytest.mark.skipif(not shutil.which("runc"), reason="needs runc (install.sh)"),
-    pytest.mark.skipif(not criu.has_parallel_reads(CRIU),
-                       reason=f"{CRIU} lacks warmstart's parallel-reads patch (install.sh)"),
+    *shim.parallel_reads_marks("runc"),
     pytest.mark.skipif(not Path(shim.RUNTIME).exists(), reason=f"{shim.RUNTIME} not installed (install.sh)"),
 ]
 STATE = str(96 << 20)  # above the patch's 64 MiB threshold
@@ -74,6 +64,7 @@ def test_family_restores_intact_with_parallel_reads_and_without(node):
     assert par.ask("check") == {"intact": True, "kids": [True, True], "ticking": True}
     log = restore_log(node, par)
     assert f"{PARALLEL_LINE} " in log and "with 2 threads" in log, "the root's pages were read by 2 threads"
+    assert "for parallel reads, kept out of the children" in log, "the root's own memory was not forked into them"
     # the family came back whole: root, its two threads and two children, each with its own pid
     pids = par.runtime("ps", par.id).stdout
     assert len([x for x in pids.splitlines()[1:] if x.strip()]) == 3, pids

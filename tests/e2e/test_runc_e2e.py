@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import shim  # noqa: E402
 from shim import subreaper  # noqa: E402, F401 - autouse: this module plays the shim
 
-CRIU = Path("/usr/local/sbin/criu")
+CRIU = shim.CRIU
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (runc, CRIU)"),

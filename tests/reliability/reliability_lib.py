@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "e2e"))
 import shim  # noqa: E402
 
-CRIU = Path("/usr/local/sbin/criu")
+CRIU = shim.CRIU
 RUNC = Path("/usr/sbin/runc")
 ON_STOP = "on-stop"
 # The e2e workload runs as the PID namespace's init, which the kernel protects from signals it has no
@@ -42,7 +42,7 @@ def skip_reason() -> str | None:
     if os.geteuid() != 0:
         return "needs root (runc, CRIU, mounts)"
     if not CRIU.exists() or not shutil.which("runc"):
-        return "needs runc and CRIU >= 4.1 at /usr/local/sbin/criu (bash install.sh)"
+        return f"needs runc and CRIU >= 4.1 at {CRIU} (bash install.sh)"
     if not Path(shim.RUNTIME).exists():
         return f"{shim.RUNTIME} not installed (bash install.sh)"
     return None

@@ -103,8 +103,8 @@ def test_criu_sigkilled_mid_restore_then_quarantine_then_clear(node: RNode):
     assert_clean(node, before, "after the cleared restore")
 
 
-def test_criu_sigkilled_while_threads_read_pages(node: RNode):
-    """warmstart's parallel-reads patch: CRIU killed while its helper threads fill the root's memory."""
+def test_criu_sigkilled_while_helpers_read_pages(node: RNode):
+    """warmstart's parallel-reads patch: CRIU killed while its helper processes fill the root's memory."""
     write_criu_wrapper(node)
     node.set_config(restore_read_threads=2)  # the same on a 1-CPU machine
     dumped = make_checkpoint(node, "kp", size=4 * BIG)  # 1 GiB: the reads last long enough to be hit
