@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from ..config import DEFAULT_PATH, INSTALLED_RUNTIME
+from ...config import DEFAULT_PATH, INSTALLED_RUNTIME
 from .client import CriClient, CriError
 from .images import PAUSE_REF as PAUSE_IMAGE  # the sandbox image the harness builds
 
