@@ -1,6 +1,6 @@
 """`warmstart bench --gpu`: the GPU reference worker, cold vs restored, beside the floors, in one run.
 
-The worker is runtime/worker/gpuworker.py (an HTTP front and a GPU engine child, a Qwen3-shaped
+The worker is runtime/warmstart/testing/worker/gpuworker.py (an HTTP front and a GPU engine child, a Qwen3-shaped
 model of `--preset`, static KV cache, CUDA graphs), bound read-only into GPU containers built as
 tests/gpu builds them (runtime/warmstart/testing/gpu_bundle.py) and driven as containerd's shim drives
 warmstart-runtime.  For each variant — `full` (the whole worker in the image) and `sleep` (the
