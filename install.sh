@@ -22,9 +22,9 @@ CONTAINERD_CONFD="${WARMSTART_CONTAINERD_CONFD:-/etc/containerd/conf.d}"
 SYS_PYTHON=/usr/bin/python3        # never the pyenv shim that may be first on PATH
 
 CRIU_VERSION=4.2.1
-# The minimum CRIU is runtime/criu.py's MIN_VERSION, read here so there is one.
-CRIU_MIN="$(sed -n 's/^MIN_VERSION = (\([0-9]*\), \([0-9]*\)).*/\1.\2/p' "$REPO_DIR/runtime/criu.py")"
-[ -n "$CRIU_MIN" ] || { echo "install.sh: cannot read MIN_VERSION from runtime/criu.py" >&2; exit 1; }
+# The minimum CRIU is runtime/warmstart/criu.py's MIN_VERSION, read here so there is one.
+CRIU_MIN="$(sed -n 's/^MIN_VERSION = (\([0-9]*\), \([0-9]*\)).*/\1.\2/p' "$REPO_DIR/runtime/warmstart/criu.py")"
+[ -n "$CRIU_MIN" ] || { echo "install.sh: cannot read MIN_VERSION from runtime/warmstart/criu.py" >&2; exit 1; }
 CRIU_TARBALL="criu_${CRIU_VERSION}.orig.tar.xz"
 CRIU_SHA256=29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9
 # Debian suite whose sources carry CRIU_VERSION (4.2.1: forky/sid; trixie has 4.1.1).
@@ -56,7 +56,7 @@ Installs warmstart on this node (Debian 12/13, as root):
   criu        CRIU >= $CRIU_MIN: the distro's if new enough and 'criu check' passes, else
               CRIU $CRIU_VERSION built from Debian's $CRIU_TARBALL into $CRIU_PREFIX/sbin/criu
   python      venv $VENV (from $SYS_PYTHON), the repo's package [test], pycriu
-  runtime     $BIN_DIR/warmstart-runtime (runtime/launch.py with the shebang "#!$VENV/bin/python3 -IS":
+  runtime     $BIN_DIR/warmstart-runtime (runtime/warmstart/launch.py with the shebang "#!$VENV/bin/python3 -IS":
               Linux passes one shebang argument, so the flags are combined), $BIN_DIR/warmstart
               and $BIN_DIR/warmstart-hook (links to the venv's scripts)
   config      $ETC/config.toml (only if absent) and the store/seal/log/state dirs (0700)
@@ -383,7 +383,7 @@ replace_if_changed() {
 }
 
 step_runtime() {
-  local launch="$REPO_DIR/runtime/launch.py" did=()
+  local launch="$REPO_DIR/runtime/warmstart/launch.py" did=()
   [ -f "$launch" ] || die "$launch not found: the runtime entry point is missing from the repo, cannot install warmstart-runtime"
   mkdir -p "$BIN_DIR"
   local tmp="$BIN_DIR/.warmstart-runtime.tmp.$$"
@@ -395,7 +395,7 @@ step_runtime() {
   replace_if_changed "$BIN_DIR/warmstart-runtime" "$tmp" 0755 && did+=("warmstart-runtime")
   local name
   for name in warmstart warmstart-hook; do
-    [ -x "$VENV/bin/$name" ] || die "$VENV/bin/$name missing: is [project.scripts] $name in pyproject.toml?"
+    [ -x "$VENV/bin/$name" ] || die "$VENV/bin/$name missing: is $name in pyproject.toml ([project.scripts] or script-files)?"
     if [ "$(readlink "$BIN_DIR/$name" 2>/dev/null)" != "$VENV/bin/$name" ]; then
       ln -sfn "$VENV/bin/$name" "$BIN_DIR/$name"
       did+=("$name")

@@ -15,9 +15,9 @@ import threading
 import time
 from pathlib import Path
 
-from warmstart.cri import images
-from warmstart.cri.client import http_get, wait_http
-from warmstart.cri.containerd import Containerd
+from warmstart.testing.cri import images
+from warmstart.testing.cri.client import http_get, wait_http
+from warmstart.testing.cri.containerd import Containerd
 
 PORT = 8080
 

@@ -8,7 +8,6 @@ Session teardown fails loudly if anything is left on the host.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import sys
@@ -19,32 +18,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# Import `warmstart` from this working tree (runtime/warmstart/), not an installed copy: the tests
+# must exercise the repo, and the package may not be installed (or be installed non-editable).
+sys.path.insert(0, str(ROOT / "runtime"))
 
-def _load_repo_warmstart() -> None:
-    """Import `warmstart` from this working tree (runtime/), not an installed copy.
-
-    Same approach as tests/unit/conftest.py: the tests must exercise the repo,
-    and the package may not be installed (or be installed non-editable).
-    Subpackages (warmstart.cri, warmstart.worker) resolve through __path__.
-    """
-    mod = sys.modules.get("warmstart")
-    if mod is not None and Path(mod.__file__ or "").resolve() == ROOT / "runtime" / "__init__.py":
-        return
-    for name in [m for m in sys.modules if m == "warmstart" or m.startswith("warmstart.")]:
-        del sys.modules[name]
-    spec = importlib.util.spec_from_file_location(
-        "warmstart", ROOT / "runtime" / "__init__.py", submodule_search_locations=[str(ROOT / "runtime")])
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["warmstart"] = mod
-    spec.loader.exec_module(mod)
-
-
-_load_repo_warmstart()
-
-from warmstart.cri import images  # noqa: E402
-from warmstart.cri.client import CriClient  # noqa: E402
-from warmstart.cri.containerd import Containerd  # noqa: E402
+from warmstart.testing.cri import images  # noqa: E402
+from warmstart.testing.cri.client import CriClient  # noqa: E402
+from warmstart.testing.cri.containerd import Containerd  # noqa: E402
 
 # The runtime handler containerd calls for RuntimeClass "warmstart"; tests of
 # an uninstalled tree can point it at another launcher.

@@ -81,7 +81,7 @@ IMAGE_MTIME = 1_700_000_000
 
 def pin_mtimes(root: Path) -> None:
     """Give every file the same mtime, as an image layer's tar does: the same image on two nodes (or
-    written twice by a test) then has the same fingerprint (runtime/image_id.py)."""
+    written twice by a test) then has the same fingerprint (runtime/warmstart/image_id.py)."""
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
             os.utime(Path(dirpath) / name, (IMAGE_MTIME, IMAGE_MTIME), follow_symlinks=False)

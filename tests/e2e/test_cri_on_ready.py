@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from warmstart.cri.client import http_get, wait_http
+from warmstart.testing.cri.client import http_get, wait_http
 
 pytestmark = [pytest.mark.cri, pytest.mark.e2e]
 PORT = 8080

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from warmstart.cri import images
-from warmstart.cri.client import http_get, wait_http
-from warmstart.cri.containerd import Containerd
-from warmstart.worker import refworker
+from warmstart.testing.cri import images
+from warmstart.testing.cri.client import http_get, wait_http
+from warmstart.testing.cri.containerd import Containerd
+from warmstart.testing.worker import refworker
 
 pytestmark = pytest.mark.cri
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from warmstart.cri.client import NS_POD, http_get, wait_http
+from warmstart.testing.cri.client import NS_POD, http_get, wait_http
 
 pytestmark = [pytest.mark.cri, pytest.mark.e2e]
 PORT = 8080

@@ -19,7 +19,7 @@ import shim  # noqa: E402
 from clients import (BLOB_SHA, COMMAND, ONE_SHOT, RUNC, NodeFiles, annotations, marks, ticks,  # noqa: E402
                      unique, wait_ticks)
 
-from warmstart.cri.containerd import K8S_NAMESPACE, Containerd  # noqa: E402
+from warmstart.testing.cri.containerd import K8S_NAMESPACE, Containerd  # noqa: E402
 
 pytestmark = marks("ctr")  # the session's containerd fixture skips, saying why, without containerd
 

@@ -20,7 +20,7 @@ import shim  # noqa: E402
 from clients import (BLOB_SHA, COMMAND, ONE_SHOT, RUNC, NodeFiles, annotations, marks, ticks,  # noqa: E402
                      unique, wait_ticks)
 
-from warmstart.cri import images  # noqa: E402
+from warmstart.testing.cri import images  # noqa: E402
 
 pytestmark = marks("podman")
 # No network set-up (CNI, iptables) on a shared node, but a network namespace of its own: CRIU's network

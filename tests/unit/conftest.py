@@ -1,12 +1,11 @@
 """Make the unit tests import the *repo* copy of warmstart, not the installed one.
 
-The venv has warmstart installed non-editable; these tests must exercise the
-working tree, so the package objects are built from runtime/, runtime/cli/ and
-hooks/ before any test module imports them.
+The venv has warmstart installed non-editable; these tests must exercise the working tree, so
+runtime/ (where the package lives as runtime/warmstart/) goes first on sys.path before any test
+module imports it.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -15,31 +14,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "runtime"))
 
+import warmstart  # noqa: E402 - after the path
 
-def _load_pkg(name: str, directory: Path):
-    for mod in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
-        del sys.modules[mod]
-    spec = importlib.util.spec_from_file_location(
-        name, directory / "__init__.py", submodule_search_locations=[str(directory)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_ws = _load_pkg("warmstart", ROOT / "runtime")
-_cli = _load_pkg("warmstart.cli", ROOT / "runtime" / "cli")
-_hooks = _load_pkg("warmstart.hooks", ROOT / "hooks")
-_ws.cli = _cli
-_ws.hooks = _hooks
-
-assert Path(_ws.__file__).resolve() == ROOT / "runtime" / "__init__.py", _ws.__file__
-assert Path(_cli.__file__).resolve() == ROOT / "runtime" / "cli" / "__init__.py", _cli.__file__
+assert Path(warmstart.__file__).resolve() == ROOT / "runtime" / "warmstart" / "__init__.py", (
+    f"warmstart was imported from {warmstart.__file__} before this conftest put the repo first")
 
 
 def pytest_report_header(config):
-    return f"warmstart under test: {_ws.__file__}"
+    return f"warmstart under test: {warmstart.__file__}"
 
 
 @pytest.fixture(autouse=True)

@@ -10,10 +10,10 @@ import pytest
 
 pytest.importorskip("prometheus_client")
 
-from runtime import config  # noqa: E402
-from runtime.agent import Agent, wanted_ids  # noqa: E402
-from runtime.metrics import LogTail, NodeMetrics, classify  # noqa: E402
-from runtime.store import MARKER, Store, evict_to_budget  # noqa: E402
+from warmstart import config  # noqa: E402
+from warmstart.agent import Agent, wanted_ids  # noqa: E402
+from warmstart.metrics import LogTail, NodeMetrics, classify  # noqa: E402
+from warmstart.store import MARKER, Store, evict_to_budget  # noqa: E402
 
 
 def rec(msg: str, level: str = "info", **kw) -> dict:

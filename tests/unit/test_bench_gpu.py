@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from warmstart import annotations, image_id
-from warmstart.cli import bench, bench_gpu, gpu_bundle
-from warmstart.worker import gpuworker
+from warmstart.testing import bench, bench_gpu, gpu_bundle
+from warmstart.testing.worker import gpuworker
 
 
 def args(*argv: str) -> argparse.Namespace:

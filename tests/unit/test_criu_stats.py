@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime import criu
+from warmstart import criu
 
 images = pytest.importorskip("pycriu.images")
 

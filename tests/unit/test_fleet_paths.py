@@ -1,4 +1,5 @@
-"""runtime/fleet.py: tags, and the bounds of push_in_background / pull_on_miss, with the detached worker faked.
+"""runtime/warmstart/fleet.py: tags, and the bounds of push_in_background / pull_on_miss, with the detached
+worker faked.
 
 The real worker, skopeo and registry are exercised in tests/e2e/test_fleet.py; here `_spawn` is
 replaced by a thread that plays the worker (it holds the handed-over lock, as the child's inherited

@@ -1,4 +1,5 @@
-"""The GPU reference worker (runtime/worker/gpuworker.py): its front/engine channel and HTTP endpoints.
+"""The GPU reference worker (runtime/warmstart/testing/worker/gpuworker.py): its front/engine channel and HTTP
+endpoints.
 
 The front is tested against a stand-in engine that speaks the real channel code (no torch needed);
 the whole worker runs on CPU (tiny preset, eager) when a python with torch and transformers is found
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from warmstart.worker import gpuworker
+from warmstart.testing.worker import gpuworker
 
 WORKER = Path(gpuworker.__file__)
 

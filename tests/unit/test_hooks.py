@@ -232,7 +232,7 @@ def test_the_busy_lock_is_held_until_exec(tmp_path):
     sd.create()
     pkg = tmp_path / "pkg"
     pkg.mkdir()
-    (pkg / "warmstart").symlink_to(Path(intercept.__file__).resolve().parent)  # the repo's runtime/ as warmstart
+    (pkg / "warmstart").symlink_to(Path(intercept.__file__).resolve().parent)  # the repo's runtime/warmstart/
     code = ("import os, sys; sys.path.insert(0, sys.argv[2]); from pathlib import Path; "
             "from warmstart.state import StateDir; StateDir(Path(sys.argv[1]), 'c1').hold_busy(); "
             "print('held', flush=True); sys.stdin.readline(); os.execv('/bin/sleep', ['sleep', '30'])")

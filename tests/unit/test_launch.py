@@ -213,7 +213,7 @@ def fake_node(tmp_path):
 
 def _launch(cfg: Path, argv: list[str], stdin: bytes = b"") -> int:
     env = {"PATH": "/usr/bin:/bin", "WARMSTART_CONFIG": str(cfg)}
-    p = subprocess.run([str(VENV_PY), "-IS", str(ROOT / "runtime" / "launch.py"), *argv],
+    p = subprocess.run([str(VENV_PY), "-IS", str(ROOT / "runtime" / "warmstart" / "launch.py"), *argv],
                        input=stdin, env=env, capture_output=True, timeout=30)
     return p.returncode
 
@@ -256,7 +256,7 @@ def test_launcher_start_kill_delete_of_foreign_container(fake_node):
 
 def test_launch_imports_only_os_and_sys():
     """The fast path must not import the package (or anything heavy) at module load."""
-    src = (ROOT / "runtime" / "launch.py").read_text()
+    src = (ROOT / "runtime" / "warmstart" / "launch.py").read_text()
     top_imports = [ln for ln in src.splitlines() if ln.startswith(("import ", "from "))]
     assert top_imports == ["import os", "import sys"]
 

@@ -127,7 +127,7 @@ class Demo:
 
     def start_pod(self, cri: Any, image: str, name: str, what: str) -> tuple[Pod, float]:
         """RunPodSandbox + CreateContainer, then StartContainer timed to /ready (as a client sees it)."""
-        from ..cri.client import wait_http  # noqa: PLC0415
+        from .cri.client import wait_http  # noqa: PLC0415
         sandbox = cri.run_pod_sandbox(name, runtime_handler="warmstart", annotations=self.annotations)
         pod = Pod(sandbox, "", cri.pod_ip(sandbox.id))
         pod.container = cri.create_container(sandbox, "worker", image, args=self.worker_args,
@@ -164,8 +164,8 @@ class Demo:
         return True
 
     def run(self, ctrd: Any) -> int:
-        from ..cri import images  # noqa: PLC0415 - grpc is heavy; only the demo needs it
-        from ..cri.client import http_get  # noqa: PLC0415
+        from .cri import images  # noqa: PLC0415 - grpc is heavy; only the demo needs it
+        from .cri.client import http_get  # noqa: PLC0415
         res, say = self.res, self.say
         say(f"work dir {self.work}; starting a private containerd")
         ctrd.start()
@@ -205,7 +205,7 @@ class Demo:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cri.containerd import Containerd  # noqa: PLC0415
+    from .cri.containerd import Containerd  # noqa: PLC0415
 
     if not ready_to_run("demo", args.runtime, "it starts containerd, runc and CRIU"):
         return 2

@@ -1,7 +1,7 @@
-"""`warmstart push` / `warmstart pull`: checkpoints through a registry (runtime/transfer.py, skopeo).
+"""`warmstart push` / `warmstart pull`: checkpoints through a registry (runtime/warmstart/transfer.py, skopeo).
 
 The registry, TLS and credentials default to the config's [registry]; a reference left out is the
-automatic paths' own, `<repository>:<namespace>.<id>` (runtime/fleet.py).
+automatic paths' own, `<repository>:<namespace>.<id>` (runtime/warmstart/fleet.py).
 """
 from __future__ import annotations
 

@@ -67,7 +67,7 @@ class Bundle(NamedTuple):
 
 def _is_warmstart_hook(hook: Any, script: str) -> bool:
     """A spec hook that is warmstart's own: the `warmstart-hook` script (as a hooks.d file names it) or
-    hooks/main.py (ours, or another install's)."""
+    warmstart/hooks/main.py (ours, or another install's)."""
     if not isinstance(hook, dict):
         return False
     args = hook.get("args") if isinstance(hook.get("args"), list) else []
@@ -78,8 +78,8 @@ def _is_warmstart_hook(hook: Any, script: str) -> bool:
 def inject(spec: dict[str, Any], sd: StateDir) -> dict[str, Any]:
     """Our additions to the bundle's config.json: the CRIU config path runc reads, and the poststop hook.
 
-    The hook (hooks/main.py) releases the container's state whenever runc destroys it, so that
-    state also goes when runc's delete comes without ours.  It runs as `python -IS hooks/main.py`
+    The hook (runtime/warmstart/hooks/main.py) releases the container's state whenever runc destroys it, so that
+    state also goes when runc's delete comes without ours.  It runs as `python -IS .../warmstart/hooks/main.py`
     rather than through the console script, which imports site (`warmstart bench` times it).  Not
     added when an engine's hooks.d put warmstart's poststop hook into the spec already: one run
     per delete.  No createRuntime hook: a restore learns the dumped mounts from CRIU's images and

@@ -30,7 +30,7 @@ MAX_PULL_DEADLINE_S = 110  # kubelet gives StartContainer 2 min (runtimeRequestT
 
 @dataclass(frozen=True)
 class RegistrySettings:
-    """`[registry]`: where checkpoints travel between nodes (runtime/fleet.py, runtime/transfer.py)."""
+    """`[registry]`: where checkpoints travel between nodes (fleet.py, transfer.py beside this file)."""
 
     # host[:port]/path of the repository every node pushes to and pulls from; "" = no automatic push/pull.
     repository: str = ""

@@ -1,7 +1,7 @@
 """Moving a checkpoint between the store and a registry: the steps of a push and of a pull (skopeo).
 
-Shared by the CLI (`warmstart push` / `pull`) and the automatic paths (runtime/fleet.py); the image
-format and its checks are runtime/oci.py's.  Work dirs live under `<store>/<scope>/.tmp/` (the same
+Shared by the CLI (`warmstart push` / `pull`) and the automatic paths (runtime/warmstart/fleet.py); the image
+format and its checks are runtime/warmstart/oci.py's.  Work dirs live under `<store>/<scope>/.tmp/` (the same
 filesystem as the store: adopting is a rename, and nothing lands in a tmpfs /tmp), each held by a
 shared "push" or "pull" lock that keeps `warmstart gc` off it while it runs.
 """

@@ -3,7 +3,7 @@
 Its existence is what the pass-through launcher stats to know a container is
 ours; it holds the policy decided at create, the CRIU config file runc reads
 through `org.criu.config`, the plain-dir baseline and restore work dirs.
-Removed at delete and by the poststop hook (hooks/main.py), so nothing outlives the container.
+Removed at delete and by the poststop hook (runtime/warmstart/hooks/main.py), so nothing outlives the container.
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ class StateDir:
 
         runc runs poststop hooks inside a failed restore's cleanup too (its own, and the
         `runc delete --force` of Runc.discard_failed_restore) and inside every `runc
-        delete`: the hook (hooks/main.py, which checks this name before importing
+        delete`: the hook (runtime/warmstart/hooks/main.py, which checks this name before importing
         anything) leaves the dir alone then.
         """
         return self.path / "busy.lock"

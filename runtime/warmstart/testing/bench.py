@@ -103,7 +103,7 @@ def ratios(a: list[float], b: list[float]) -> list[float]:
 
 def worker_rootfs() -> tuple[Path, Path, str]:
     """(rootfs dir, docker-archive, image ref) of the reference worker image, unpacked once and cached."""
-    from ..cri import images  # noqa: PLC0415
+    from .cri import images  # noqa: PLC0415
 
     tar, ref = images.build_worker_image(progress=say)
     out = BENCH_CACHE / tar.stem

@@ -5,20 +5,21 @@ import argparse
 import importlib
 import sys
 
-# subcommand -> (module under warmstart.cli, one-line help)
+# subcommand -> (module, one-line help); the admin verbs live in warmstart.cli, the harness's in
+# warmstart.testing.  Imported here when the parser is built, never at import of this module.
 COMMANDS = {
-    "list": ("store_cmds", "list checkpoints and their state"),
-    "inspect": ("store_cmds", "show a checkpoint's metadata and the privileges its images hold"),
-    "verify": ("store_cmds", "fully verify a checkpoint (hashes, schema) and seal it"),
-    "remove": ("store_cmds", "remove a checkpoint"),
-    "gc": ("store_cmds", "reap abandoned temp dirs and incomplete checkpoints"),
-    "identity": ("store_cmds", "print the checkpoint id for a DynamoCheckpoint identity"),
-    "push": ("registry", "push a checkpoint to a registry as an OCI image (skopeo)"),
-    "pull": ("registry", "pull a checkpoint from a registry into the store"),
-    "doctor": ("doctor", "check this node's set-up; one line per check, with fixes"),
-    "agent": ("agent_cmd", "run the node agent: Prometheus metrics, store budget (DaemonSet or systemd)"),
-    "demo": ("demo", "run a real cold start, checkpoint and restore, and print the timings"),
-    "bench": ("bench", "benchmark restore against cold start and the physical floors"),
+    "list": ("warmstart.cli.store_cmds", "list checkpoints and their state"),
+    "inspect": ("warmstart.cli.store_cmds", "show a checkpoint's metadata and the privileges its images hold"),
+    "verify": ("warmstart.cli.store_cmds", "fully verify a checkpoint (hashes, schema) and seal it"),
+    "remove": ("warmstart.cli.store_cmds", "remove a checkpoint"),
+    "gc": ("warmstart.cli.store_cmds", "reap abandoned temp dirs and incomplete checkpoints"),
+    "identity": ("warmstart.cli.store_cmds", "print the checkpoint id for a DynamoCheckpoint identity"),
+    "push": ("warmstart.cli.registry", "push a checkpoint to a registry as an OCI image (skopeo)"),
+    "pull": ("warmstart.cli.registry", "pull a checkpoint from a registry into the store"),
+    "doctor": ("warmstart.cli.doctor", "check this node's set-up; one line per check, with fixes"),
+    "agent": ("warmstart.cli.agent_cmd", "run the node agent: Prometheus metrics, store budget (DaemonSet or systemd)"),
+    "demo": ("warmstart.testing.demo", "run a real cold start, checkpoint and restore, and print the timings"),
+    "bench": ("warmstart.testing.bench", "benchmark restore against cold start and the physical floors"),
 }
 
 
@@ -28,9 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (mod, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         try:
-            module = importlib.import_module(f"warmstart.cli.{mod}")
+            module = importlib.import_module(mod)
         except ModuleNotFoundError as e:
-            if e.name != f"warmstart.cli.{mod}":
+            if e.name != mod:
                 raise
             p.set_defaults(_missing=name)
             continue

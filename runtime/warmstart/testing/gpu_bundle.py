@@ -91,7 +91,7 @@ def add_gpu(cfg: dict[str, Any], rootfs: Path, python: str, hook: Path, hook_fmt
 
 def pin_mtimes(rootfs: Path) -> None:
     """One mtime for every file of the rootfs: a restore is refused when the image's fingerprint (which
-    holds file mtimes, runtime/image_id.py) differs from the checkpoint's, and each container's copies
+    holds file mtimes, runtime/warmstart/image_id.py) differs from the checkpoint's, and each container's copies
     and mount targets are written anew."""
     for dirpath, _dirs, files in os.walk(rootfs):
         for name in files:

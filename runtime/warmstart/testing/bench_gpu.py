@@ -1,8 +1,8 @@
 """`warmstart bench --gpu`: the GPU reference worker, cold vs restored, beside the floors, in one run.
 
-The worker is runtime/worker/gpuworker.py (an HTTP front and a GPU engine child, a Qwen3-shaped
+The worker is runtime/warmstart/testing/worker/gpuworker.py (an HTTP front and a GPU engine child, a Qwen3-shaped
 model of `--preset`, static KV cache, CUDA graphs), bound read-only into GPU containers built as
-tests/gpu builds them (runtime/cli/gpu_bundle.py) and driven as containerd's shim drives
+tests/gpu builds them (runtime/warmstart/testing/gpu_bundle.py) and driven as containerd's shim drives
 warmstart-runtime.  For each variant — `full` (the whole worker in the image) and `sleep` (the
 worker's `warmstart.dev/pre-dump` hook frees its KV cache, `post-restore` wakes it) — it measures:
 
@@ -40,7 +40,7 @@ from typing import Any, Callable
 from . import bench, gpu_bundle
 from .preflight import ready_to_run
 
-WORKER_SRC = Path(__file__).resolve().parents[1] / "worker" / "gpuworker.py"
+WORKER_SRC = Path(__file__).resolve().parent / "worker" / "gpuworker.py"
 WORKER_DST = "/opt/warmstart/gpuworker.py"
 HOOK_REL = Path("tests/e2e/fixtures/fake_ctk_hook.sh")
 VARIANTS = ("full", "sleep")
@@ -105,7 +105,7 @@ def find_python(given: str | None) -> str | None:
 
 
 def find_hook(given: Path | None) -> Path | None:
-    for h in ([given] if given else [Path.cwd() / HOOK_REL, Path(__file__).resolve().parents[2] / HOOK_REL]):
+    for h in ([given] if given else [Path.cwd() / HOOK_REL, Path(__file__).resolve().parents[3] / HOOK_REL]):
         if h and h.is_file() and os.access(h, os.X_OK):
             return h.resolve()
     return None
@@ -645,7 +645,7 @@ def plot_with(python: str, results: dict[str, Any], path: Path) -> bool:
         (Path(d) / "warmstart").symlink_to(Path(__file__).resolve().parents[1])
         (Path(d) / "results.json").write_text(json.dumps(results, default=str))
         code = ("import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
-                "from warmstart.cli.bench_gpu import plot; "
+                "from warmstart.testing.bench_gpu import plot; "
                 "sys.exit(0 if plot(json.loads(Path(sys.argv[1], 'results.json').read_text()), Path(sys.argv[2])) "
                 "else 3)")
         p = subprocess.run([python, "-I", "-c", code, d, str(path)], capture_output=True, text=True, timeout=120)
