@@ -63,7 +63,7 @@ def host_mounts(prefixes: tuple[str, ...]) -> list[str]:
 
 
 def gpu_spec(c: shim.Container, files: dict[str, str], args: list[str], env: list[str] | None = None,
-             hook_uuid_fmt: str = "suffix") -> None:
+             hook_uuid_fmt: str = "suffix", gpus: tuple[str, ...] = ("nvidia0",)) -> None:
     """Turn the shim's container `c` into a GPU one that runs `args` (files written into its rootfs)."""
     assert TORCH_PY is not None
     cfg = json.loads((c.bundle / "config.json").read_text())
@@ -81,7 +81,7 @@ def gpu_spec(c: shim.Container, files: dict[str, str], args: list[str], env: lis
             target.touch()
         cfg["mounts"].append({"destination": mp, "type": "bind", "source": mp, "options": ["bind", "ro"]})
     devs, rules = [], [{"allow": False, "access": "rwm"}]
-    for name in ("nvidia0", "nvidiactl", "nvidia-uvm", "nvidia-uvm-tools"):
+    for name in (*gpus, "nvidiactl", "nvidia-uvm", "nvidia-uvm-tools"):
         p = Path("/dev") / name
         if p.exists():
             st = p.stat()
