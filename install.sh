@@ -436,6 +436,9 @@ criu = "$criu"
 # Threads that read an eager restore's pages (warmstart's CRIU patch): 0 = one per CPU (<= 8),
 # 1 = CRIU's own single-threaded reads.
 # restore_read_threads = 0
+# How CRIU holds TCP connections still during a dump: "iptables" (default), "nftables", or "skip"
+# (a node without iptables; safe only when both ends of every connection are in the container).
+# network_lock = "iptables"
 # Most bytes one "warmstart pull" may write under the store (layer + unpacked files), 256 GiB;
 # a pull is also held to the free space of the store's filesystem.
 # max_pull_bytes = 274877906944

@@ -74,6 +74,10 @@ class Settings:
     # Threads that read the pages of an eager restore (warmstart's CRIU patch): 0 = one per CPU
     # (at most 8), 1 = CRIU's own single-threaded reads.
     restore_read_threads: int = 0
+    # How CRIU holds a container's TCP connections still during a dump (its --network-lock): "iptables"
+    # (CRIU's default; needs the iptables binary), "nftables" (a CRIU built with libnftables), or "skip"
+    # (no lock: only for nodes without either, where every connection's both ends are in the dump).
+    network_lock: str = "iptables"
     # Most bytes one `warmstart pull` may write under the store (downloaded layer + unpacked files); a pull
     # is also held to the store filesystem's free space.
     max_pull_bytes: int = 256 << 30
@@ -114,6 +118,7 @@ def parse_bytes(text: str) -> int:
 
 
 _INT_KEYS = {"max_restore_failures", "dump_timeout_s", "restore_timeout_s", "max_pull_bytes"}
+NETWORK_LOCKS = ("iptables", "nftables", "skip")
 _COUNT_KEYS = {"restore_read_threads"}  # 0 allowed: "automatic"
 _SHARED_RE = re.compile(r"(_local|[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)/[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
@@ -157,6 +162,10 @@ def load(path: Path | None = None) -> Settings:
             if not isinstance(val, list) or not all(isinstance(v, str) for v in val):
                 raise ConfigError(f"{path}: secret_env_patterns must be a list of glob strings")
             values[key] = tuple(val)
+        elif key == "network_lock":
+            if val not in NETWORK_LOCKS:
+                raise ConfigError(f"{path}: network_lock must be one of {', '.join(NETWORK_LOCKS)}, got {val!r}")
+            values[key] = val
         elif key == "registry":
             values[key] = _registry(path, val)
     store_env = os.environ.get("WARMSTART_STORE")

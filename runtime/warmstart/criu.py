@@ -51,18 +51,20 @@ class CriuConfig:
         path.chmod(0o600)
 
 
-def dump_config(timeout_s: int) -> CriuConfig:
-    return CriuConfig(DUMP_OPTIONS + [f"timeout {int(timeout_s)}"])
+def dump_config(timeout_s: int, network_lock: str = "iptables") -> CriuConfig:
+    lock = [] if network_lock == "iptables" else [f"network-lock {network_lock}"]  # iptables: CRIU's default
+    return CriuConfig(DUMP_OPTIONS + lock + [f"timeout {int(timeout_s)}"])
 
 
-def restore_config(cgroup_root: str | None, ext_mount_maps: dict[str, str] | None = None) -> CriuConfig:
+def restore_config(cgroup_root: str | None, ext_mount_maps: dict[str, str] | None = None,
+                   network_lock: str = "iptables") -> CriuConfig:
     """`cgroup-root :<path>` puts restored tasks into the *new* container's cgroup.
 
     runc 1.1.x otherwise restores them into the dumped container's cgroup on
     cgroup v2 (tests/e2e/test_runc_e2e.py restores into a new cgroup); with the new path CRIU
     recreates the tree there.
     """
-    opts = list(RESTORE_OPTIONS)
+    opts = list(RESTORE_OPTIONS) + ([] if network_lock == "iptables" else [f"network-lock {network_lock}"])
     if cgroup_root:
         opts.append(f"cgroup-root :{cgroup_root}")
     for key, val in (ext_mount_maps or {}).items():

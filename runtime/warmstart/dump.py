@@ -133,7 +133,7 @@ def dump(ct: Container, leave_running: bool = False, frozen: bool = False) -> Du
                                       f"runc pause failed (exit {p.returncode}): {_last_error(p.stderr, None)}")
                 paused = True
             with ph("criu_config"):
-                criu.dump_config(settings.dump_timeout_s).write(ct.sd.criu_conf)
+                criu.dump_config(settings.dump_timeout_s, settings.network_lock).write(ct.sd.criu_conf)
                 work.mkdir(mode=0o700, parents=True)
             with ph("checkpoint"):
                 p = rc.checkpoint(st.container_id, runc.CheckpointOpts(tmp, work, leave_running=leave_running),

@@ -166,7 +166,8 @@ class _Attempt:
             shutil.rmtree(self.work, ignore_errors=True)
             self.work.mkdir(mode=0o700, parents=True)
             ct.st.cgroup_path = cgroup_path(spec, self.c.id, self.rc.g.systemd_cgroup)
-            conf = criu.restore_config(ct.st.cgroup_path, ext_mount_maps=mplan.ext_mount_maps)
+            conf = criu.restore_config(ct.st.cgroup_path, ext_mount_maps=mplan.ext_mount_maps,
+                                      network_lock=ct.settings.network_lock)
             conf.options += join_namespaces(spec)
             conf.write(ct.sd.criu_conf)
             self.hostname = expected_hostname(spec)

@@ -63,7 +63,7 @@ def host_mounts(prefixes: tuple[str, ...]) -> list[str]:
 
 
 def gpu_spec(c: shim.Container, files: dict[str, str], args: list[str], env: list[str] | None = None,
-             hook_uuid_fmt: str = "suffix", gpus: tuple[str, ...] = ("nvidia0",)) -> None:
+             hook_uuid_fmt: str = "suffix", gpus: tuple[str, ...] = ("nvidia0",), own_netns: bool = False) -> None:
     """Turn the shim's container `c` into a GPU one that runs `args` (files written into its rootfs)."""
     assert TORCH_PY is not None
     cfg = json.loads((c.bundle / "config.json").read_text())
@@ -95,7 +95,8 @@ def gpu_spec(c: shim.Container, files: dict[str, str], args: list[str], env: lis
                       "access": "rwm"})
     cfg["linux"]["devices"] = devs
     cfg["linux"]["resources"] = {"devices": rules}
-    cfg["linux"]["namespaces"] = [n for n in cfg["linux"]["namespaces"] if n["type"] != "network"]  # no `ip` there
+    if not own_netns:  # the host's (no `ip` on the GPU machine for anything more); own: runc's loopback only
+        cfg["linux"]["namespaces"] = [n for n in cfg["linux"]["namespaces"] if n["type"] != "network"]
     for f in ("ld.so.cache", "ld.so.conf"):
         if Path("/etc", f).exists():
             shutil.copy(Path("/etc", f), c.bundle / "rootfs" / "etc" / f)
@@ -114,8 +115,16 @@ def gpu_spec(c: shim.Container, files: dict[str, str], args: list[str], env: lis
 
 
 def node(tmp_path_factory: Any, name: str) -> shim.Node:
-    """A private warmstart node under $WARMSTART_GPU_BASE (a disk of one's choice) or pytest's tmp."""
-    return shim.Node(Path(os.environ.get("WARMSTART_GPU_BASE") or tmp_path_factory.mktemp(name)))
+    """A private warmstart node under $WARMSTART_GPU_BASE (a disk of one's choice) or pytest's tmp.
+
+    The GPU machine has no iptables, which CRIU's default network lock runs for every established TCP
+    connection (NCCL's bootstrap has some): there the node says network_lock = "skip", safe here as both
+    ends of each connection are processes of the dumped container, frozen together."""
+    n = shim.Node(Path(os.environ.get("WARMSTART_GPU_BASE") or tmp_path_factory.mktemp(name)))
+    if not shutil.which("iptables"):
+        with open(n.config, "a") as f:
+            f.write('network_lock = "skip"\n')
+    return n
 
 
 def cold_start(c: shim.Container, res: dict[str, Any]) -> dict[str, Any]:

@@ -66,9 +66,13 @@ VARIANTS = {"p2p-on": [], "p2p-off": ["NCCL_P2P_DISABLE=1"]}
 def _gpu_spec(c: shim.Container, variant: str) -> None:
     gpuspec.gpu_spec(c, {"/worker_tp2.py": WORKER}, [gpuspec.TORCH_PY, "/worker_tp2.py"],
                      ["NCCL_SOCKET_IFNAME=lo", "TORCH_NCCL_ENABLE_MONITORING=0", *VARIANTS[variant]],
-                     gpus=("nvidia0", "nvidia1"))
+                     gpus=("nvidia0", "nvidia1"), own_netns=True)  # as a pod: NCCL's listener restores unclashed
 
 
+@pytest.mark.xfail(reason="measured on the H200 x2 (driver 580.159.04): both ranks dump, but "
+                          "cuCheckpointProcessRestore fails for NCCL ranks (P2P on: CUDA_ERROR_NOT_SUPPORTED, also "
+                          "in place; P2P off: CUDA_ERROR_UNKNOWN); the restore falls back to a cold start "
+                          "(docs/gpu.md). XPASS when a driver restores them.", strict=False)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_tp2_worker_survives_checkpoint_and_restore(tmp_path_factory, variant):
     node = gpuspec.node(tmp_path_factory, f"gpunode-tp2-{variant}")

@@ -208,3 +208,16 @@ def test_run_bounded_kills_the_whole_group_past_the_deadline(tmp_path):
     while not dead() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert dead(), "runc's child (CRIU's place) outlived the deadline kill"
+
+
+def test_network_lock_reaches_both_criu_configs_and_is_validated(tmp_path):
+    from warmstart import config, criu
+    assert "network-lock skip" in criu.dump_config(60, "skip").options
+    assert "network-lock nftables" in criu.restore_config("/x", network_lock="nftables").options
+    assert not any(o.startswith("network-lock") for o in criu.dump_config(60).options)  # CRIU's default
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('network_lock = "skip"\n')
+    assert config.load(cfg).network_lock == "skip"
+    cfg.write_text('network_lock = "off"\n')
+    with pytest.raises(config.ConfigError, match="network_lock must be one of iptables, nftables, skip"):
+        config.load(cfg)
