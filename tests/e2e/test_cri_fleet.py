@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from warmstart.cri.client import http_get
+from warmstart.testing.cri.client import http_get
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_cri_warmstart import PORT, _ann, _log, _start_worker, _stop_and_remove, _store  # noqa: E402
