@@ -381,19 +381,7 @@ class Store:
         return 0.0
 
     def bytes_used(self, cid: str) -> int:
-        """Bytes of the checkpoint's files (links not followed)."""
-        total, stack = 0, [self.path(cid)]
-        while stack:
-            try:
-                with os.scandir(stack.pop()) as it:
-                    for e in it:
-                        if e.is_dir(follow_symlinks=False):
-                            stack.append(Path(e.path))
-                        else:
-                            total += e.stat(follow_symlinks=False).st_size
-            except OSError:
-                continue
-        return total
+        return tree_bytes(self.path(cid))
 
     def clear_quarantine(self, cid: str, owner: str | None = None) -> None:
         self._qpath(cid, owner).unlink(missing_ok=True)
@@ -453,6 +441,22 @@ class Store:
             except (ValueError, OSError):
                 continue
         return out
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes of the files under `path` (links not followed; 0 when it is absent)."""
+    total, stack = 0, [path]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(Path(e.path))
+                    else:
+                        total += e.stat(follow_symlinks=False).st_size
+        except OSError:
+            continue
+    return total
 
 
 def _seal_owner(name: str) -> str:

@@ -23,9 +23,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1] / "e2e"))
 import shim  # noqa: E402
 
+from warmstart.testing.gpu_bundle import ENV, host_mounts  # noqa: E402 - the bench's recipe, one copy
+
 HOOK = Path(__file__).parents[1] / "e2e" / "fixtures" / "fake_ctk_hook.sh"
-# Kept in every GPU container's env: NVLink multicast can put a shared host's GPUs out of service.
-MULTICAST_OFF = ["NCCL_NVLS_ENABLE=0", "TORCH_SYMM_MEM_DISABLE_MULTICAST=1", "NVSHMEM_DISABLE_NVLS=1"]
 
 
 def torch_python() -> str | None:
@@ -47,19 +47,6 @@ REQUIRES = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (runc, CRIU)"),
     pytest.mark.skipif(not Path(shim.RUNTIME).exists(), reason=f"{shim.RUNTIME} not installed"),
 ]
-
-
-def host_mounts(prefixes: tuple[str, ...]) -> list[str]:
-    """The host's mount points at or under `prefixes` (and the prefixes themselves), parents first."""
-    out = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        mp = line.split()[4].replace("\\040", " ")
-        if any(mp == p or mp.startswith(p + "/") for p in prefixes) and mp not in out:
-            out.append(mp)
-    for p in prefixes:
-        if p not in out and Path(p).is_dir():
-            out.append(p)
-    return sorted(out, key=lambda m: m.count("/"))
 
 
 def gpu_spec(c: shim.Container, files: dict[str, str], args: list[str], env: list[str] | None = None,
@@ -106,8 +93,7 @@ def gpu_spec(c: shim.Container, files: dict[str, str], args: list[str], env: lis
         (c.bundle / "rootfs" / name.lstrip("/")).write_text(text)
     shim.pin_mtimes(c.bundle / "rootfs")  # as an image's tar: else each container's rootfs is another image
     cfg["process"]["args"] = args
-    cfg["process"]["env"] += [*(env or []), "LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/lib/x86_64-linux-gnu",
-                              *MULTICAST_OFF]
+    cfg["process"]["env"] += [*(env or []), *ENV]  # the driver's libs; NVLink multicast off
     procfile = "/proc/driver/nvidia/params" if Path("/proc/driver/nvidia/params").exists() else "/proc/version"
     cfg["hooks"] = {"createContainer": [{"path": str(HOOK), "args": [HOOK.name, str(c.bundle / "rootfs"),
                                                                       hook_uuid_fmt, procfile], "timeout": 10}]}

@@ -7,7 +7,7 @@ import sys
 
 from .. import config, identity
 from ..ids import validate_id
-from ..store import CheckpointError, Store, evict_to_budget
+from ..store import CheckpointError, Store, evict_to_budget, tree_bytes
 from .. import trust
 from ..trust import LOCAL_SCOPE
 
@@ -39,8 +39,7 @@ def _rows(store: Store) -> list[dict]:
         status = "complete" if store.exists(cid) else ("failed" if failed else "incomplete")
         if q.get("quarantined"):
             status = "quarantined"
-        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path.is_dir() else 0
-        rows.append({"namespace": store.scope, "id": cid, "status": status, "bytes": size,
+        rows.append({"namespace": store.scope, "id": cid, "status": status, "bytes": tree_bytes(path),
                      "restore_failures": q.get("failures", 0),
                      "last_error": q.get("last_error") or (failed or {}).get("error")})
     tmp = store.root / ".tmp"
