@@ -167,6 +167,32 @@ def check_parallel_reads(settings) -> tuple:
     return ok("criu.parallel_reads", f"eager restores read pages with {n} threads (restore_read_threads)")
 
 
+CAP_SYS_RESOURCE = 24
+
+
+def check_nofile(status: str | None = None, limits: tuple[int, int] | None = None) -> tuple:
+    """CRIU raises its own RLIMIT_NOFILE to fs.nr_open, which needs CAP_SYS_RESOURCE.
+
+    Without it (some sandboxes and VMs drop the capability from the bounding set) every CRIU log
+    has `rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted`.  CRIU goes on
+    with the inherited limit and keeps its service fds just under it, so a process holding an fd
+    numbered near that limit cannot be dumped or restored; anything below is unaffected.
+    """
+    import resource  # noqa: PLC0415
+    if status is None:
+        try:
+            status = Path("/proc/self/status").read_text()
+        except OSError:
+            status = ""
+    m = re.search(r"^CapEff:\s*([0-9a-f]+)", status, flags=re.M)
+    soft, hard = limits if limits is not None else resource.getrlimit(resource.RLIMIT_NOFILE)
+    if m is None or int(m.group(1), 16) >> CAP_SYS_RESOURCE & 1:
+        return ok("criu.nofile", f"CAP_SYS_RESOURCE held: CRIU lifts its fd limit (now {soft}/{hard}) to fs.nr_open")
+    return warn("criu.nofile", f"no CAP_SYS_RESOURCE here, so CRIU keeps the fd limit {hard} and logs "
+                "`Can't setup RLIMIT_NOFILE for self`; containers with fds numbered near it cannot be checkpointed",
+                "run containerd (and so CRIU) with CAP_SYS_RESOURCE, or raise its LimitNOFILE")
+
+
 def check_runc(runc: Path):
     if not _is_exec(runc):
         return [fail("runc", f"{runc} not found or not executable",
@@ -509,6 +535,7 @@ def collect(args) -> list[Result]:
     results += criu_checks(settings.criu)
     if settings.criu.exists():
         results.append(check_parallel_reads(settings))
+        results.append(check_nofile())
     results += check_runc(settings.runc)
     results += check_kernel()
     results += check_dirs(settings)
