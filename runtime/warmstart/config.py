@@ -78,6 +78,10 @@ class Settings:
     # (CRIU's default; needs the iptables binary), "nftables" (a CRIU built with libnftables), or "skip"
     # (no lock: only for nodes without either, where every connection's both ends are in the dump).
     network_lock: str = "iptables"
+    # A GPU container whose CUDA processes share GPU state across processes (live NCCL communicators,
+    # IMEX channels: cuda.shared_state) is not checkpointed: "refuse" (the driver cannot restore it,
+    # docs/gpu.md), or "try" (checkpoint anyway: a driver that restores it, or to measure one).
+    cuda_ipc: str = "refuse"
     # Most bytes one `warmstart pull` may write under the store (downloaded layer + unpacked files); a pull
     # is also held to the store filesystem's free space.
     max_pull_bytes: int = 256 << 30
@@ -119,6 +123,7 @@ def parse_bytes(text: str) -> int:
 
 _INT_KEYS = {"max_restore_failures", "dump_timeout_s", "restore_timeout_s", "max_pull_bytes"}
 NETWORK_LOCKS = ("iptables", "nftables", "skip")
+CUDA_IPC = ("refuse", "try")
 _COUNT_KEYS = {"restore_read_threads"}  # 0 allowed: "automatic"
 _SHARED_RE = re.compile(r"(_local|[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)/[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
@@ -165,6 +170,10 @@ def load(path: Path | None = None) -> Settings:
         elif key == "network_lock":
             if val not in NETWORK_LOCKS:
                 raise ConfigError(f"{path}: network_lock must be one of {', '.join(NETWORK_LOCKS)}, got {val!r}")
+            values[key] = val
+        elif key == "cuda_ipc":
+            if val not in CUDA_IPC:
+                raise ConfigError(f"{path}: cuda_ipc must be one of {', '.join(CUDA_IPC)}, got {val!r}")
             values[key] = val
         elif key == "registry":
             values[key] = _registry(path, val)

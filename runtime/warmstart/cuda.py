@@ -10,6 +10,11 @@ collective (an NCCL all-reduce, a CUDA IPC read) whose other side is not there.
 Called from a separate process (the runtime); no cuInit is needed in the caller
 (benchmarks/gpu_results.md, tests/gpu/).
 
+Before any lock, CUDA state that the driver's checkpoint cannot carry (GPU memory
+shared between processes: live NCCL communicators, IMEX channels) refuses the dump
+(`shared_state`): the driver would checkpoint it, but no restore of it succeeds
+(docs/gpu.md, driver 580), so the dump's time and image would only buy a cold start.
+
 Nothing here runs for a container without an /dev/nvidia* device in its spec,
 and nothing is loaded when libcuda is absent: zero cost for CPU containers.
 """
@@ -19,6 +24,7 @@ import ctypes
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from . import runc
@@ -38,6 +44,10 @@ class CudaError(RuntimeError):
     def __init__(self, call: str, pid: int, code: int, name: str):
         super().__init__(f"{call}(pid {pid}) failed: {name} ({code})")
         self.call, self.pid, self.code, self.name = call, pid, code, name
+
+
+class CudaRefused(RuntimeError):
+    """The container's CUDA processes hold state the driver's checkpoint cannot carry; the message says what and the fix."""
 
 
 class CUcheckpointLockArgs(ctypes.Structure):
@@ -167,10 +177,17 @@ def cuda_pids(drv: Driver, pids: list[int]) -> list[int]:
     return out
 
 
-def checkpoint_pids(drv: Driver, pids: list[int], lock_timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS) -> CudaSession:
-    """Lock every CUDA process, then checkpoint each; on any failure undo what was done and raise."""
+def checkpoint_pids(drv: Driver, pids: list[int], lock_timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS,
+                    refusal: Callable[[list[int]], str | None] | None = None) -> CudaSession:
+    """Lock every CUDA process, then checkpoint each; on any failure undo what was done and raise.
+
+    `refusal` (shared_state) is asked about the CUDA processes before any lock: a reason raises
+    CudaRefused with nothing done, so nothing to undo."""
     s = CudaSession()
     s.pids = _timed(s.timings, "cuda_find", lambda: cuda_pids(drv, pids))
+    why = _timed(s.timings, "cuda_shared_check", lambda: refusal(s.pids)) if refusal else None
+    if why:
+        raise CudaRefused(f"CUDA state the driver cannot checkpoint: {why}")
     try:
         for pid in s.pids:  # lock all first: no process may run CUDA work while another is being moved out
             _timed(s.timings, "cuda_lock", lambda: drv.lock(pid, lock_timeout_ms))
@@ -232,14 +249,111 @@ def restore_pids(drv: Driver, pids: list[int], gpu_pairs: list[tuple[str, str]] 
     return s
 
 
+# -- state the driver's checkpoint cannot carry --------------------------------
+#
+# Each signal is one cheap read of /proc per CUDA process (fd links, maps, the net namespace's unix
+# socket table), present exactly while the shared state lives and gone once the worker tears it
+# down (dist.destroy_process_group(): ncclCommDestroy/Abort unmaps, closes and unbinds all three).
+# What the driver does with CUDA IPC itself (cudaIpcOpenMemHandle, cuMem handles passed over a
+# socket, then closed) leaves no trace of its own in /proc; NCCL, which does it in every
+# intra-node communicator, does.  Values a container controls (paths, socket names) are only compared.
+
+IMEX_CHANNELS = "/dev/nvidia-caps-imex-channels/"  # fabric handles: multi-node NVLink, multicast (NVLS) via IMEX
+NCCL_SHM = "/dev/shm/nccl-"         # ncclShmOpen: SHM transport buffers, the proxy's ops pool (cudaHostRegister'ed)
+NCCL_SOCKET = "@/tmp/nccl-socket-"  # NCCL >= 2.19: each communicator's proxy binds this abstract unix socket
+FIX_NCCL = ("destroy NCCL communicators in the warmstart.dev/pre-dump hook (torch: torch.cuda.synchronize(); "
+            "dist.destroy_process_group()) and re-create them in warmstart.dev/post-restore; "
+            "vLLM/SGLang: --disable-custom-all-reduce, NCCL_NVLS_ENABLE=0 (docs/gpu.md)")
+FIX_IMEX = ("keep NVLink multicast and fabric memory off (NCCL_NVLS_ENABLE=0, NCCL_MNNVL_ENABLE=0) "
+            "or destroy NCCL communicators in the warmstart.dev/pre-dump hook (docs/gpu.md)")
+
+
+def _fd_targets(proc: Path, pid: int) -> list[str]:
+    out = []
+    try:
+        names = os.listdir(proc / str(pid) / "fd")
+    except OSError:
+        return out
+    for name in names:
+        try:
+            out.append(os.readlink(proc / str(pid) / "fd" / name))
+        except OSError:
+            continue  # closed meanwhile
+    return out
+
+
+def _mapped_paths(proc: Path, pid: int) -> set[str]:
+    """The file of every mapping ("/dev/shm/nccl-Ab12Cd (deleted)" once unlinked: the suffix is cut)."""
+    out = set()
+    try:
+        with open(proc / str(pid) / "maps", errors="replace") as f:
+            for line in f:
+                parts = line.rstrip("\n").split(maxsplit=5)
+                if len(parts) == 6:
+                    out.add(parts[5].removesuffix(" (deleted)"))
+    except OSError:
+        pass
+    return out
+
+
+def _unix_sockets(proc: Path, pid: int) -> dict[str, str]:
+    """inode → bound path of the unix sockets in the process's net namespace (abstract ones start with @)."""
+    out = {}
+    try:
+        with open(proc / str(pid) / "net" / "unix", errors="replace") as f:
+            next(f, None)  # the header
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 8:  # Num RefCount Protocol Flags Type St Inode Path
+                    out[parts[6]] = parts[7]
+    except OSError:
+        pass
+    return out
+
+
+def shared_state(pids: list[int], proc: Path = Path("/proc")) -> str | None:
+    """Why these CUDA processes cannot be checkpointed by the driver, with the fix; None when nothing says so.
+
+    - an IMEX channel open or mapped: fabric memory or multicast objects, which never restore;
+    - NCCL shared memory mapped: a communicator with a peer (SHM transport, proxy ops pool);
+    - NCCL's proxy socket bound in two or more of the processes: communicators between them, whose
+      P2P buffers are CUDA IPC mappings of each other's GPU memory.  One process alone may hold a
+      single-rank communicator (vLLM at TP=1), which carries nothing across processes.
+    Measured on driver 580.159.04: with such state the dump succeeds but every restore fails
+    (P2P on: CUDA_ERROR_NOT_SUPPORTED; off: CUDA_ERROR_UNKNOWN); after destroy_process_group none remains.
+    """
+    nccl_procs = []
+    for pid in pids:
+        fds = _fd_targets(proc, pid)
+        maps = _mapped_paths(proc, pid)
+        imex = sorted({p for p in (*fds, *maps) if p.startswith(IMEX_CHANNELS)})
+        if imex:
+            return f"pid {pid} has IMEX channel {imex[0]} open (fabric memory or multicast objects); fix: {FIX_IMEX}"
+        shm = sorted({p for p in (*fds, *maps) if p.startswith(NCCL_SHM)})
+        if shm:
+            return (f"pid {pid} maps NCCL shared memory {shm[0]} (a live NCCL communicator with a peer); "
+                    f"fix: {FIX_NCCL}")
+        inodes = {t[len("socket:["):-1] for t in fds if t.startswith("socket:[") and t.endswith("]")}
+        if inodes:
+            socks = _unix_sockets(proc, pid)
+            if any(socks.get(i, "").startswith(NCCL_SOCKET) for i in inodes):
+                nccl_procs.append(pid)
+    if len(nccl_procs) >= 2:
+        return (f"pids {', '.join(map(str, nccl_procs))} hold live NCCL communicators with each other "
+                f"(NCCL's proxy socket {NCCL_SOCKET}…; their buffers are CUDA IPC mappings); fix: {FIX_NCCL}")
+    return None
+
+
 # -- the flows' entry points (dump.py, restore.py) ----------------------------
 
-def checkpoint_container(rc: runc.Runc, container_id: str,
-                         spec: dict[str, Any]) -> tuple[Driver | None, CudaSession | None]:
+def checkpoint_container(rc: runc.Runc, container_id: str, spec: dict[str, Any],
+                         refuse_shared: bool = True) -> tuple[Driver | None, CudaSession | None]:
     """Before `runc checkpoint`: move every CUDA process of the container out of the GPU.
 
     (None, None) when the container has no GPU device or the node no libcuda;
-    raises CudaError (after undoing) when a process cannot be locked or checkpointed.
+    raises CudaRefused (nothing done) when `refuse_shared` and the processes share GPU state
+    across processes (`shared_state`), CudaError (after undoing) when a process cannot be
+    locked or checkpointed.
     """
     if not Spec(spec).has_gpu:
         return None, None
@@ -248,7 +362,7 @@ def checkpoint_container(rc: runc.Runc, container_id: str,
         return None, None
     t = time.perf_counter()
     pids = container_pids(rc, container_id)
-    s = checkpoint_pids(drv, pids)
+    s = checkpoint_pids(drv, pids, refusal=shared_state if refuse_shared else None)
     s.timings["cuda_ps"] = round(time.perf_counter() - t - sum(s.timings.values()), 6)
     return drv, s
 

@@ -124,7 +124,8 @@ def dump(ct: Container, leave_running: bool = False, frozen: bool = False) -> Du
                     hooks_exec.run(hooks.pre_dump, rc, st.container_id, spec, hooks.timeout_s)
             if Spec(spec).has_gpu:
                 with ph("cuda_checkpoint"):
-                    drv, cuda_s = cuda.checkpoint_container(rc, st.container_id, spec)
+                    drv, cuda_s = cuda.checkpoint_container(rc, st.container_id, spec,
+                                                            refuse_shared=settings.cuda_ipc == "refuse")
             if frozen:
                 with ph("pause"):
                     p = rc.pause(st.container_id)

@@ -1,11 +1,12 @@
 """GPU inventory (NVML through ctypes, libnvidia-ml.so.1) and the GPU compatibility of a checkpoint.
 
 Recorded at dump in metadata's `gpu` object: the GPUs the container sees
-(those of its /dev/nvidia<N> devices; all when it names none), with model
-name, UUID and minor number, plus driver and CUDA versions.  At restore a
-node whose GPUs differ in model or count, or whose driver differs, is refused
-before CRIU runs; the same model on another device (another UUID) is remapped
-by cuCheckpointProcessRestore's GPU pairs (cuda.py).
+(those of its /dev/nvidia<N> devices, in the order its spec lists them; all,
+by minor number, when it names none), with model name, UUID and minor number,
+plus driver and CUDA versions.  At restore a node whose GPUs differ in model
+or count, or whose driver differs, is refused before CRIU runs; the k-th GPU of
+the checkpoint is remapped onto the k-th of the restoring container when their
+UUIDs differ, by cuCheckpointProcessRestore's GPU pairs (cuda.py).
 """
 from __future__ import annotations
 
@@ -20,17 +21,18 @@ _DEV_RE = re.compile(r"^/dev/nvidia(\d+)$")
 
 
 def spec_minors(spec: dict[str, Any]) -> list[int] | None:
-    """Minor numbers of the GPUs in the container's spec (/dev/nvidia<N>), None when it names none."""
-    minors = set()
+    """Minor numbers of the GPUs in the container's spec (/dev/nvidia<N>), in the order the spec lists
+    them (the device plugin's allocation order: the container's GPU order), None when it names none."""
+    minors: dict[int, None] = {}
     for d in (spec.get("linux") or {}).get("devices") or []:
         m = _DEV_RE.match(str(d.get("path", "")))
         if m:
-            minors.add(int(d.get("minor", m.group(1))))
+            minors.setdefault(int(d.get("minor", m.group(1))))
     for mnt in spec.get("mounts") or []:
         m = _DEV_RE.match(str(mnt.get("destination", "")))
         if m:
-            minors.add(int(m.group(1)))
-    return sorted(minors) if minors else None
+            minors.setdefault(int(m.group(1)))
+    return list(minors) if minors else None
 
 
 def _load_nvml() -> Any | None:
@@ -79,7 +81,7 @@ def for_container(inventory: dict[str, Any] | None, spec: dict[str, Any]) -> dic
         return None
     minors = spec_minors(spec)
     devs = [d for d in inventory["devices"] if minors is None or d["minor"] in minors]
-    devs.sort(key=lambda d: d["minor"])
+    devs.sort(key=lambda d: d["minor"] if minors is None else minors.index(d["minor"]))  # the container's order
     return {"driver_version": inventory["driver_version"], "cuda_version": inventory["cuda_version"],
             "count": len(devs), "models": sorted({d["name"] for d in devs}),
             "devices": [{"name": d["name"], "uuid": d["uuid"], "minor": d["minor"]} for d in devs]}

@@ -2,6 +2,7 @@
 # Sets up a bare lent GPU machine from the carried .gpucarry/ (tests/gpu/build_carry.sh makes it) and
 # runs tests/gpu; everything it prints also goes to $OUT/run.log, pytest's results to $OUT.
 #   bash tests/gpu/run_on_device.sh [PYTEST ARGS]      (through the device tool, carry [".gpucarry"])
+#   bash tests/gpu/run_on_device.sh tests/gpu/test_gpu_tp2.py -k teardown     (those tests only)
 # What it installs (as install.sh does on a node): runc at /usr/sbin/runc, CRIU at /usr/local/sbin/criu
 # (a wrapper giving it the carried libraries), a venv /opt/ws/venv with the carried wheels and warmstart
 # from this repo, and install.sh's runtime step: /usr/local/bin/warmstart-runtime, warmstart, warmstart-hook.
@@ -84,5 +85,8 @@ echo "== criu check"
 echo "== pytest tests/gpu"
 export PATH="$BIN:$PATH" WARMSTART_RUNTIME="$BIN/warmstart-runtime" PYTHONUNBUFFERED=1
 export WARMSTART_GPU_RESULTS="$RES/gpu_results.json" WARMSTART_GPU_LOGS="$RES"
-cd "$REPO" && "$VPY" -m pytest -q -s -p no:cacheprovider -rA tests/gpu "$@" 2>&1 | tee "$RES/gpu_test.log"
+# the test files or node ids given (tests/gpu/test_gpu_tp2.py, ...::test_x[p2p-on]) replace tests/gpu
+targets=(tests/gpu)
+for a in "$@"; do case "$a" in tests/*) targets=(); break ;; esac; done
+cd "$REPO" && "$VPY" -m pytest -q -s -p no:cacheprovider -rA ${targets[@]+"${targets[@]}"} "$@" 2>&1 | tee "$RES/gpu_test.log"
 exit "${PIPESTATUS[0]}"

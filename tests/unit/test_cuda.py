@@ -166,3 +166,111 @@ def test_restore_container_counts_processes(drv, monkeypatch):
 def test_checkpoint_container_skips_cpu_containers(monkeypatch):
     monkeypatch.setattr(cuda.Driver, "load", classmethod(lambda cls, path=None: pytest.fail("libcuda loaded")))
     assert cuda.checkpoint_container(runc.Runc(Path("/x")), "c", {"linux": {"devices": []}}) == (None, None)
+
+
+# -- shared_state: what the driver's checkpoint cannot carry, read from a fake /proc -----------------
+
+UNIX_HEADER = "Num       RefCount Protocol Flags    Type St Inode Path\n"
+CUDA_MAPS = ("7f0000000000-7f0000200000 rw-s 00000000 00:05 1023  /dev/nvidiactl\n"
+             "7f0000200000-7f0000400000 rw-s 00000000 00:05 1030  /dev/nvidia-uvm\n"
+             "7f1000000000-7f1000021000 rw-p 00000000 00:00 0 \n"
+             "7f2000000000-7f2000010000 r-xp 00000000 08:01 55   /usr/lib/x86_64-linux-gnu/libcuda.so.1\n")
+
+
+def fake_proc(root: Path, pid: int, fds: dict[str, str] | None = None, maps: str = CUDA_MAPS,
+              unix: dict[str, str] | None = None) -> None:
+    """/proc/<pid> as the checks read it: fd links, maps, the net namespace's unix socket table."""
+    d = root / str(pid)
+    (d / "fd").mkdir(parents=True)
+    (d / "net").mkdir()
+    base = {"0": "/dev/null", "1": "pipe:[77]", "2": "pipe:[77]", "3": "/dev/nvidiactl", "4": "/dev/nvidia0",
+            "5": "/dev/nvidia-uvm", "6": "socket:[500]", "7": "anon_inode:[eventfd]"}
+    for fd, target in {**base, **(fds or {})}.items():
+        (d / "fd" / fd).symlink_to(target)
+    (d / "maps").write_text(maps)
+    rows = {"500": "@/tmp/.X11-unix/X0", "501": "/run/app.sock", **(unix or {})}
+    (d / "net" / "unix").write_text(UNIX_HEADER + "".join(
+        f"0000000000000000: 00000002 00000000 00010000 0001 01 {ino} {path}\n" for ino, path in rows.items())
+        + "0000000000000000: 00000003 00000000 00000000 0001 03 999\n")  # an unbound socket: no path
+
+
+def test_a_plain_cuda_process_and_a_single_rank_communicator_are_not_refused(tmp_path):
+    fake_proc(tmp_path, 100)
+    fake_proc(tmp_path, 102, fds={"9": "socket:[600]"}, unix={"600": "@/tmp/nccl-socket-0-8a7f3c"})
+    fake_proc(tmp_path, 104, maps=CUDA_MAPS + "7f3000000000-7f3000100000 rw-s 00000000 00:1a 88 /dev/shm/psm_1a2b\n")
+    assert cuda.shared_state([100, 102, 104], tmp_path) is None, \
+        "one process with NCCL's socket (TP=1), another with non-NCCL shared memory: nothing crosses processes"
+    assert cuda.shared_state([100, 4242], tmp_path) is None, "a process gone meanwhile is not an error"
+
+
+def test_nccl_communicators_between_two_processes_are_refused_with_the_fix(tmp_path):
+    """P2P on: nothing of NCCL in /dev/shm, but each rank's proxy binds its abstract socket."""
+    fake_proc(tmp_path, 100, fds={"9": "socket:[600]"}, unix={"600": "@/tmp/nccl-socket-0-8a7f3c", "601": "@/x"})
+    fake_proc(tmp_path, 102, fds={"11": "socket:[601]"}, unix={"600": "@/tmp/nccl-socket-0-8a7f3c",
+                                                               "601": "@/tmp/nccl-socket-1-8a7f3c"})
+    why = cuda.shared_state([100, 102], tmp_path)
+    assert why is not None and why.startswith("pids 100, 102 hold live NCCL communicators with each other")
+    assert "destroy NCCL communicators in the warmstart.dev/pre-dump hook" in why
+    assert "--disable-custom-all-reduce" in why and "\n" not in why, "one log line"
+
+
+def test_nccl_shared_memory_is_refused_mapped_or_open(tmp_path):
+    """P2P off: the SHM transport's buffers, mapped (unlinked once every rank attached) or held open."""
+    fake_proc(tmp_path, 100, maps=CUDA_MAPS + "7f4000000000-7f4000401000 rw-s 00000000 00:1a 91 "
+                                              "/dev/shm/nccl-Ab12Cd (deleted)\n")
+    why = cuda.shared_state([100], tmp_path)
+    assert why and why.startswith("pid 100 maps NCCL shared memory /dev/shm/nccl-Ab12Cd (a live NCCL communicator")
+    fake_proc(tmp_path, 102, fds={"12": "/dev/shm/nccl-Zz99Yy"})
+    assert "pid 102 maps NCCL shared memory /dev/shm/nccl-Zz99Yy" in cuda.shared_state([102], tmp_path)
+
+
+def test_an_imex_channel_is_refused_with_the_multicast_fix(tmp_path):
+    fake_proc(tmp_path, 100, fds={"20": "/dev/nvidia-caps-imex-channels/channel0"})
+    why = cuda.shared_state([100], tmp_path)
+    assert why and why.startswith("pid 100 has IMEX channel /dev/nvidia-caps-imex-channels/channel0 open")
+    assert "NCCL_NVLS_ENABLE=0" in why
+
+
+def test_names_are_compared_not_followed(tmp_path):
+    """A container names its own files and sockets: look-alikes elsewhere say nothing."""
+    fake_proc(tmp_path, 100, fds={"9": "/data/dev/shm/nccl-x", "10": "socket:[600]"},
+              maps=CUDA_MAPS + "7f4000000000-7f4000001000 rw-p 00000000 00:1a 91 /tmp/nccl-socket-0-1\n",
+              unix={"600": "/tmp/nccl-socket-0-1"})  # a path-bound socket, not NCCL's abstract one
+    fake_proc(tmp_path, 102, fds={"10": "socket:[600]"}, unix={"600": "/tmp/nccl-socket-0-1"})
+    assert cuda.shared_state([100, 102], tmp_path) is None
+
+
+def test_a_refusal_comes_before_any_lock(drv, tmp_path):
+    d = drv("100,102")
+    fake_proc(tmp_path, 100, fds={"12": "/dev/shm/nccl-Zz99Yy"})
+    fake_proc(tmp_path, 102)
+    with pytest.raises(cuda.CudaRefused, match=r"^CUDA state the driver cannot checkpoint: pid 100 maps NCCL"):
+        cuda.checkpoint_pids(d, [1, 100, 102], refusal=lambda pids: cuda.shared_state(pids, tmp_path))
+    assert calls(d) == "" and d.state(100) == d.state(102) == cuda.RUNNING, "nothing locked: nothing to undo"
+    s = cuda.checkpoint_pids(d, [1, 100, 102], refusal=lambda pids: None)
+    assert s.checkpointed == [100, 102] and "cuda_shared_check" in s.timings
+
+
+def test_checkpoint_container_asks_only_when_told(drv, monkeypatch):
+    d = drv("100")
+    monkeypatch.setattr(cuda.Driver, "load", classmethod(lambda cls, path=None: d))
+    monkeypatch.setattr(cuda, "container_pids", lambda *a: [1, 100])
+    seen = []
+    monkeypatch.setattr(cuda, "shared_state", lambda pids, proc=None: seen.append(pids) or "pid 100 maps x; fix: y")
+    gpu_spec = {"linux": {"devices": [{"path": "/dev/nvidia0", "type": "c", "major": 195, "minor": 0}]}}
+    with pytest.raises(cuda.CudaRefused):
+        cuda.checkpoint_container(runc.Runc(Path("/x")), "c", gpu_spec)
+    assert seen == [[100]], "asked about the CUDA processes only, and by default"
+    _, s = cuda.checkpoint_container(runc.Runc(Path("/x")), "c", gpu_spec, refuse_shared=False)
+    assert s.checkpointed == [100] and seen == [[100]], "cuda_ipc = \"try\": not asked"
+
+
+def test_cuda_ipc_config_key(tmp_path):
+    from warmstart import config
+    cfg = tmp_path / "c.toml"
+    assert config.load(cfg).cuda_ipc == "refuse", "refused by default"
+    cfg.write_text('cuda_ipc = "try"\n')
+    assert config.load(cfg).cuda_ipc == "try"
+    cfg.write_text('cuda_ipc = "off"\n')
+    with pytest.raises(config.ConfigError, match="cuda_ipc must be one of refuse, try"):
+        config.load(cfg)

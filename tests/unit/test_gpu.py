@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pytest
+
 from warmstart import gpu
 
 H100 = "NVIDIA H100 80GB HBM3"
@@ -61,8 +63,50 @@ def test_multi_gpu_refusals_name_what_differs():
         "checkpoint made with NVIDIA driver 580.159.04, node has 590.1", "the driver is named first, before the count"
 
 
-def test_multi_gpu_remap_pairs_in_device_order():
+def test_multi_gpu_remap_pairs_in_the_containers_order():
+    """The k-th GPU the spec lists (the device plugin's order) takes the k-th checkpointed GPU's state."""
     old, new = gpu.for_container(INV4, spec(0, 1)), gpu.for_container(INV4, spec(3, 2))
     assert gpu.incompatibility(old, new) is None
     u = [d["uuid"] for d in INV4["devices"]]
-    assert gpu.gpu_pairs(old, new) == [(u[0], u[2]), (u[1], u[3])]
+    assert gpu.gpu_pairs(old, new) == [(u[0], u[3]), (u[1], u[2])]
+    assert gpu.gpu_pairs(old, gpu.for_container(INV4, spec(2, 3))) == [(u[0], u[2]), (u[1], u[3])]
+
+
+def test_the_same_two_gpus_in_the_other_order_are_swapped():
+    """What tests/gpu/test_gpu_tp2.py arranges on a two-GPU machine: rank 0's state goes to GPU 1 and back."""
+    old, new = gpu.for_container(INV, spec(0, 1)), gpu.for_container(INV, spec(1, 0))
+    assert [d["minor"] for d in new["devices"]] == [1, 0] and gpu.incompatibility(old, new) is None
+    u = [d["uuid"] for d in INV["devices"]]
+    assert gpu.gpu_pairs(old, new) == [(u[0], u[1]), (u[1], u[0])]
+    assert gpu.gpu_pairs(old, gpu.for_container(INV, spec(0, 1))) == [], "same order: no remap"
+    listed_twice = {"linux": {"devices": spec(1, 0)["linux"]["devices"]},
+                    "mounts": [{"destination": "/dev/nvidia0", "type": "bind", "source": "/dev/nvidia0"}]}
+    assert gpu.spec_minors(listed_twice) == [1, 0]
+    assert gpu.spec_minors({"linux": {"devices": []}}) is None
+
+
+def test_restore_refuses_other_gpus_before_criu_runs(monkeypatch, tmp_path):
+    """restore._Attempt: the GPU check is part of `_check`, answered before `_prepare` (CRIU config, rootfs)."""
+    from types import SimpleNamespace
+
+    from warmstart import restore
+    from warmstart.phases import Phases
+
+    dumped = gpu.for_container(INV4, spec(0, 1))
+    ckpt = SimpleNamespace(metadata={"gpu": dumped, "dump": {"cuda": {"processes": 2}}}, path=None,
+                           metadata_sha256="x")
+    store = SimpleNamespace(open_verified=lambda cid: ckpt, derived_cache=lambda c, k: None)
+    monkeypatch.setattr(restore, "refusal", lambda *a: None)
+    monkeypatch.setattr(restore.mounts, "plan", lambda *a, **k: SimpleNamespace(reason=None))
+    a = object.__new__(restore._Attempt)
+    a.ct = SimpleNamespace(settings=None, st=None, sd=SimpleNamespace(criu_conf=tmp_path / "criu.conf"))
+    a.store, a.cid, a.ph, a.stdio, a.spec = store, "tp2", Phases(), None, SimpleNamespace(raw=spec(2))
+    a._cleanup = lambda: pytest.fail("the refusal failed instead (a failure to clean up after)")
+    a._prepare = lambda: pytest.fail("CRIU's restore was prepared for a checkpoint of other GPUs")
+    for inv, why in ((INV4, "checkpoint used 2 GPU(s), the restoring container sees 1"),
+                     ({**INV4, "driver_version": "590.1"}, "checkpoint made with NVIDIA driver 580.159.04"),
+                     (None, "this node has no NVIDIA driver")):
+        monkeypatch.setattr(restore.gpu, "node_inventory", lambda inv=inv: inv)
+        res = a.run()
+        assert not res.ok and res.reason.startswith("checkpoint tp2 refused: ") and why in res.reason
+        assert "compatible" in res.phases and "restore" not in res.phases
