@@ -260,7 +260,11 @@ def restore_pids(drv: Driver, pids: list[int], gpu_pairs: list[tuple[str, str]] 
 
 IMEX_CHANNELS = "/dev/nvidia-caps-imex-channels/"  # fabric handles: multi-node NVLink, multicast (NVLS) via IMEX
 NCCL_SHM = "/dev/shm/nccl-"         # ncclShmOpen: SHM transport buffers, the proxy's ops pool (cudaHostRegister'ed)
-NCCL_SOCKET = "@/tmp/nccl-socket-"  # NCCL >= 2.19: each communicator's proxy binds this abstract unix socket
+# NCCL >= 2.19: each communicator's proxy binds an abstract unix socket named by writing
+# "/tmp/nccl-socket-<rank>-<hash>" and then a NUL over its first byte, so /proc/net/unix shows
+# "@tmp/nccl-socket-…" (seen with NCCL 2.28.9 on the H200 x2); the "@/tmp/" form is accepted too.
+NCCL_SOCKETS = ("@tmp/nccl-socket-", "@/tmp/nccl-socket-")
+NCCL_SOCKET = NCCL_SOCKETS[0]
 FIX_NCCL = ("destroy NCCL communicators in the warmstart.dev/pre-dump hook (torch: torch.cuda.synchronize(); "
             "dist.destroy_process_group()) and re-create them in warmstart.dev/post-restore; "
             "vLLM/SGLang: --disable-custom-all-reduce, NCCL_NVLS_ENABLE=0 (docs/gpu.md)")
@@ -336,7 +340,7 @@ def shared_state(pids: list[int], proc: Path = Path("/proc")) -> str | None:
         inodes = {t[len("socket:["):-1] for t in fds if t.startswith("socket:[") and t.endswith("]")}
         if inodes:
             socks = _unix_sockets(proc, pid)
-            if any(socks.get(i, "").startswith(NCCL_SOCKET) for i in inodes):
+            if any(socks.get(i, "").startswith(NCCL_SOCKETS) for i in inodes):
                 nccl_procs.append(pid)
     if len(nccl_procs) >= 2:
         return (f"pids {', '.join(map(str, nccl_procs))} hold live NCCL communicators with each other "

@@ -3,14 +3,19 @@ where their results and logs go.
 
 The container gets the host's /usr, the torch venv and /usr/local/nvidia bound read-only (each host
 mount its own bind), /dev/nvidia* in `linux.devices` and the device allow-list, the host network
-namespace (the lent machine has no `ip`), a createContainer hook that makes the toolkit's
+namespace or a pod-like one joined by path (the lent machine has no `ip`), a createContainer hook that makes the toolkit's
 nvidia-ctk-hook tmpfs, and NVLink multicast off (the lent machines require it).
 """
 from __future__ import annotations
 
+import atexit
+import ctypes
+import fcntl
 import json
 import os
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import tarfile
@@ -82,8 +87,9 @@ def gpu_spec(c: shim.Container, files: dict[str, str], args: list[str], env: lis
                       "access": "rwm"})
     cfg["linux"]["devices"] = devs
     cfg["linux"]["resources"] = {"devices": rules}
-    if not own_netns:  # the host's (no `ip` on the GPU machine for anything more); own: runc's loopback only
-        cfg["linux"]["namespaces"] = [n for n in cfg["linux"]["namespaces"] if n["type"] != "network"]
+    cfg["linux"]["namespaces"] = [n for n in cfg["linux"]["namespaces"] if n["type"] != "network"]
+    if own_netns:  # a pod's: a network namespace the sandbox made, joined by path (else the host's)
+        cfg["linux"]["namespaces"].append({"type": "network", "path": str(pod_netns(c.bundle / "netns"))})
     for f in ("ld.so.cache", "ld.so.conf"):
         if Path("/etc", f).exists():
             shutil.copy(Path("/etc", f), c.bundle / "rootfs" / "etc" / f)
@@ -98,6 +104,35 @@ def gpu_spec(c: shim.Container, files: dict[str, str], args: list[str], env: lis
     cfg["hooks"] = {"createContainer": [{"path": str(HOOK), "args": [HOOK.name, str(c.bundle / "rootfs"),
                                                                       hook_uuid_fmt, procfile], "timeout": 10}]}
     (c.bundle / "config.json").write_text(json.dumps(cfg))
+
+
+_CLONE_NEWNET, _MS_BIND, _MNT_DETACH, _SIOCSIFFLAGS, _IFF_UP = 0x40000000, 0x1000, 2, 0x8914, 0x1
+
+
+def pod_netns(path: Path) -> Path:
+    """A network namespace with its loopback up, bind-mounted at `path`, as a pod sandbox's.
+
+    Without `ip` (the GPU machine has none): a child unshares, sets lo up by ioctl and bind-mounts its
+    own /proc/self/ns/net.  A restore then joins it by path as in a pod; a namespace of runc's own
+    making would instead be re-created by CRIU, whose address restore runs `ip`."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    path.touch()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if libc.unshare(_CLONE_NEWNET) != 0:  # os.unshare is 3.12+
+                os._exit(1)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", _IFF_UP))
+            if libc.mount(b"/proc/self/ns/net", str(path).encode(), None, _MS_BIND, None) != 0:
+                os._exit(1)
+            os._exit(0)
+        except BaseException:  # noqa: BLE001 - the parent reports it
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0, f"could not make a network namespace at {path}"
+    atexit.register(lambda: libc.umount2(str(path).encode(), _MNT_DETACH))
+    return path
 
 
 def node(tmp_path_factory: Any, name: str) -> shim.Node:

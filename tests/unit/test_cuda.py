@@ -203,11 +203,14 @@ def test_a_plain_cuda_process_and_a_single_rank_communicator_are_not_refused(tmp
     assert cuda.shared_state([100, 4242], tmp_path) is None, "a process gone meanwhile is not an error"
 
 
-def test_nccl_communicators_between_two_processes_are_refused_with_the_fix(tmp_path):
-    """P2P on: nothing of NCCL in /dev/shm, but each rank's proxy binds its abstract socket."""
-    fake_proc(tmp_path, 100, fds={"9": "socket:[600]"}, unix={"600": "@/tmp/nccl-socket-0-8a7f3c", "601": "@/x"})
-    fake_proc(tmp_path, 102, fds={"11": "socket:[601]"}, unix={"600": "@/tmp/nccl-socket-0-8a7f3c",
-                                                               "601": "@/tmp/nccl-socket-1-8a7f3c"})
+@pytest.mark.parametrize("prefix", ["@tmp/nccl-socket-", "@/tmp/nccl-socket-"])
+def test_nccl_communicators_between_two_processes_are_refused_with_the_fix(tmp_path, prefix):
+    """Each rank's proxy binds its abstract socket (no NCCL file in /dev/shm with NCCL 2.28, P2P on or
+    off).  NCCL 2.28.9 on the H200 x2 shows as "@tmp/nccl-socket-0-cd77…@@@…" (NUL padding as @)."""
+    pad = "@" * 40
+    fake_proc(tmp_path, 100, fds={"9": "socket:[600]"}, unix={"600": f"{prefix}0-8a7f3c{pad}", "601": "@/x"})
+    fake_proc(tmp_path, 102, fds={"11": "socket:[601]"}, unix={"600": f"{prefix}0-8a7f3c{pad}",
+                                                               "601": f"{prefix}1-8a7f3c{pad}"})
     why = cuda.shared_state([100, 102], tmp_path)
     assert why is not None and why.startswith("pids 100, 102 hold live NCCL communicators with each other")
     assert "destroy NCCL communicators in the warmstart.dev/pre-dump hook" in why
