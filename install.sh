@@ -19,7 +19,7 @@ BIN_DIR="${WARMSTART_BIN_DIR:-/usr/local/bin}"
 CRIU_PREFIX="${WARMSTART_CRIU_PREFIX:-/usr/local}"
 CONTAINERD_CONFIG="${WARMSTART_CONTAINERD_CONFIG:-/etc/containerd/config.toml}"
 CONTAINERD_CONFD="${WARMSTART_CONTAINERD_CONFD:-/etc/containerd/conf.d}"
-SYS_PYTHON=/usr/bin/python3        # never the pyenv shim that may be first on PATH
+SYS_PYTHON="${WARMSTART_SYS_PYTHON:-/usr/bin/python3}"  # never the pyenv shim first on PATH; the node image names its own
 
 CRIU_VERSION=4.2.1
 # The minimum CRIU is runtime/warmstart/criu.py's MIN_VERSION, read here so there is one.
@@ -71,7 +71,7 @@ Options:
   --only STEPS      run only these steps (comma separated, from: ${STEPS[*]})
   -h, --help        this text
 
-Environment overrides: WARMSTART_VENV, WARMSTART_CACHE, WARMSTART_ETC, WARMSTART_BIN_DIR,
+Environment overrides: WARMSTART_VENV, WARMSTART_CACHE, WARMSTART_ETC, WARMSTART_BIN_DIR, WARMSTART_SYS_PYTHON,
   WARMSTART_CRIU_PREFIX (CRIU goes to PREFIX/sbin/criu), WARMSTART_CONTAINERD_CONFIG,
   WARMSTART_CONTAINERD_CONFD, WARMSTART_CRIU_TARBALL (use this local tarball, hash still checked).
 EOF
@@ -416,55 +416,8 @@ step_config() {
   fi
   mkdir -p "$ETC"
   if [ ! -f "$ETC/config.toml" ]; then
-    cat >"$ETC/config.toml.tmp" <<EOF
-# warmstart node configuration (written by install.sh; edit freely, it is not overwritten).
-# Top-level keys first, then [registry]; the runtime's fast path reads runc and state_dir by a line scan.
-# Env: WARMSTART_CONFIG points at another file, WARMSTART_STORE overrides store.
-
-criu = "$criu"
-# runc = "/usr/sbin/runc"
-# store = "/var/lib/warmstart/checkpoints"
-# seal_dir = "/var/lib/warmstart/seals"
-# state_dir = "/run/warmstart"
-# log_dir = "/var/log/warmstart"
-# Consecutive failed restores of one checkpoint before it is quarantined.
-# max_restore_failures = 3
-# Seconds a dump may take before it is abandoned (CRIU timeout).
-# dump_timeout_s = 600
-# Seconds runc restore may take inside create before it is killed and the container starts cold.
-# restore_timeout_s = 90
-# Threads that read an eager restore's pages (warmstart's CRIU patch): 0 = one per CPU (<= 8),
-# 1 = CRIU's own single-threaded reads.
-# restore_read_threads = 0
-# How CRIU holds TCP connections still during a dump: "iptables" (default), "nftables", or "skip"
-# (a node without iptables; safe only when both ends of every connection are in the container).
-# network_lock = "iptables"
-# Most bytes one "warmstart pull" may write under the store (layer + unpacked files), 256 GiB;
-# a pull is also held to the free space of the store's filesystem.
-# max_pull_bytes = 274877906944
-# Env keys whose values are never written to metadata in clear (hashed instead).
-# secret_env_patterns = ["*TOKEN*", "*SECRET*", "*PASSWORD*", "*PASSWD*", "*KEY*", "*CREDENTIAL*", "*AUTH*"]
-# The key that signs this node's checkpoints, and the public keys whose signatures it accepts
-# (add a cluster key shared to every node to restore checkpoints made elsewhere).
-# signing_key = "$ETC/keys/node.key"
-# trusted_keys = ["$ETC/keys/node.pub"]
-# Checkpoints every Kubernetes namespace may restore, as "namespace/checkpoint-id" (default: none,
-# a checkpoint restores only into pods of the namespace that made it; _local = outside Kubernetes).
-# shared_checkpoints = []
-
-# Checkpoints between nodes through a registry (docs/fleet.md). Tables come after every top-level key.
-# [registry]
-# repository = "registry.local:5000/warmstart/checkpoints"   # "" = no automatic push/pull
-# auth_file = "$ETC/registry-auth.json"
-# tls_verify = true
-# push = "auto"            # or "off"
-# pull = "on-miss"         # or "prefetch", "off"
-# pull_deadline_s = 30     # create waits this long for a pull, then starts cold
-# cache_budget_bytes = 0   # 0 = no budget
-# chunk_bytes = 134217728  # page images travel in chunks of this size
-# compress = "zstd"        # or "none"
-# compress_level = 1
-EOF
+    # One template for install.sh and the node image's installer (runtime/warmstart/nodeinstall.py).
+    sed -e "s|@CRIU@|$criu|g" -e "s|@ETC@|$ETC|g" "$REPO_DIR/config/warmstart/config.toml.in" >"$ETC/config.toml.tmp"
     chmod 0644 "$ETC/config.toml.tmp"
     mv "$ETC/config.toml.tmp" "$ETC/config.toml"
     did+=("$ETC/config.toml (criu = $criu)")

@@ -17,13 +17,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 # restore ~0.3 s (CPU) to ~10 s (GPU, cold page cache); dumps and pulls up to minutes
 _BUCKETS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 COLD_REASONS = ("no_checkpoint", "quarantined", "refused", "restore_failed", "worker_hook", "other")
+PULL_FAILURES = ("failed", "disk_full", "deadline")  # warmstart_pulls_total's outcomes besides "ok"
 
 
 @dataclass(frozen=True)
 class Outcome:
     kind: str            # restore | cold_start | dump | dump_failed | pull | pull_failed
     namespace: str
-    reason: str = ""     # cold starts: one of COLD_REASONS
+    reason: str = ""     # cold starts: one of COLD_REASONS; pull_failed: one of PULL_FAILURES
     seconds: float | None = None
 
 
@@ -66,8 +67,10 @@ def classify(rec: dict[str, Any]) -> Outcome | None:
         if msg.startswith("pulled "):
             secs = rec.get("seconds")
             return Outcome("pull", ns, seconds=float(secs) if isinstance(secs, (int, float)) else None)
-        if msg.startswith("pull of ") and " failed: " in msg:
-            return Outcome("pull_failed", ns)
+        if msg.startswith("pull of ") and " failed: " in msg:  # the disk full is the node's to fix, not the registry's
+            return Outcome("pull_failed", ns, reason="disk_full" if "the store's disk is full" in msg else "failed")
+        if msg.startswith("pull of ") and " not finished after " in msg:  # create went cold; the pull goes on
+            return Outcome("pull_failed", ns, reason="deadline")
     return None
 
 
@@ -111,7 +114,7 @@ class NodeMetrics:
             if o.seconds is not None:
                 self.dump_seconds.observe(o.seconds)
         elif o.kind in ("pull", "pull_failed"):
-            self.pulls.labels(o.namespace, "ok" if o.kind == "pull" else "failed").inc()
+            self.pulls.labels(o.namespace, "ok" if o.kind == "pull" else o.reason).inc()
             if o.seconds is not None:
                 self.pull_seconds.observe(o.seconds)
         return o

@@ -67,6 +67,10 @@ class OciError(Exception):
     """A checkpoint image that cannot be pushed or adopted; the message says why."""
 
 
+class OverBudget(OciError):
+    """The image needs more bytes than a pull may write (max_pull_bytes, or the store's free space)."""
+
+
 @dataclass(frozen=True)
 class Packing:
     """How push packs a checkpoint: chunk size and compression ([registry] chunk_bytes, compress)."""
@@ -291,10 +295,10 @@ def check_manifest(manifest: Any, limit: int, expect_id: str | None, expect_scop
     distinct = {c.digest: c.blob_size for c in chunks}
     blobs = sizes[0] + sizes[1] + sum(distinct.values())
     if blobs > limit:
-        raise OciError(f"the image's blobs take {blobs} bytes, over the {limit}-byte limit "
+        raise OverBudget(f"the image's blobs take {blobs} bytes, over the {limit}-byte limit "
                        "(max_pull_bytes, or the store's free space)")
     if blobs + sum(c.size for c in chunks) > limit:
-        raise OciError(f"the image's blobs and chunked files take {blobs + sum(c.size for c in chunks)} bytes, "
+        raise OverBudget(f"the image's blobs and chunked files take {blobs + sum(c.size for c in chunks)} bytes, "
                        f"over the {limit}-byte limit (max_pull_bytes, or the store's free space)")
     return Image(cid, layers[0], tuple(chunks), blobs)
 
@@ -465,7 +469,7 @@ def _unpack(blob: Path, compression: str | None, dest: Path, limit: int, chunked
                                    f"its manifest entry says {sizes.get(name, 'nothing')}")
             total = sum(sizes.values()) + sum(len(data) for _, data in control.values())
             if total > limit:
-                raise OciError(f"the checkpoint's files take {total} bytes, over the {limit}-byte limit "
+                raise OverBudget(f"the checkpoint's files take {total} bytes, over the {limit}-byte limit "
                                "(max_pull_bytes less the download, or the store's free space)")
             for name in chunked:
                 del sizes[name]  # not in this layer: _assemble writes them

@@ -7,6 +7,7 @@ shared "push" or "pull" lock that keeps `warmstart gc` off it while it runs.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import re
@@ -191,6 +192,21 @@ def pull(settings: Settings, scope: str, ref: str, remote: Remote, expect_id: st
                                     printer("pull") if progress else None)
             shutil.rmtree(layout)  # what is left of the download: no need to hold the bytes twice
             store.adopt(cid, unpacked)
+        except (OSError, oci.OciError) as e:
+            shutil.rmtree(work, ignore_errors=True)  # first, so that the free space below is what is left
+            free = shutil.disk_usage(store.root).free
+            # ENOSPC, or the free space (not max_pull_bytes) was the limit a size check hit midway
+            if not disk_full(e) and not (isinstance(e, oci.OverBudget) and free < settings.max_pull_bytes):
+                raise
+            raise oci.OciError(f"the store's disk is full: {store.root} has {free} bytes free without this pull "
+                               f"({e}); free space there, or keep the store smaller ([registry] "
+                               "cache_budget_bytes, `warmstart gc --budget`)") from None
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return cid
+
+
+def disk_full(e: BaseException) -> bool:
+    """ENOSPC, raised here (OSError) or reported by skopeo or an unpack step (its text in an OciError)."""
+    return (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) \
+        or "no space left on device" in str(e).lower() or "disk quota exceeded" in str(e).lower()

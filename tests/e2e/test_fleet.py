@@ -4,7 +4,7 @@ Two node configs on one machine (separate stores, seals, logs), one registry.  W
 a second dump of the same worker re-sends only the chunks that changed (counted from the registry's
 own request log); push_in_background / pull_on_miss carry a checkpoint from node A to node B, where it
 restores; concurrent pulls of one key share one pull; and a registry that is down, a missing tag, a
-tampered blob or an image of another namespace each give False, one log line, and an unchanged store.
+tampered blob, an image of another namespace or a disk that fills mid-pull each give False, one log line, and an unchanged store.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import shim  # noqa: E402
 from test_registry import pytestmark, start_registry  # noqa: E402, F401 - the same skips
 
 from warmstart import config, fleet  # noqa: E402
+from warmstart.store import Store  # noqa: E402
 
 CHUNK = 1 << 20
 BUF = 24 << 20  # the workload's random buffer: ~24 chunks of pages
@@ -277,6 +278,67 @@ def test_a_bad_registry_answer_is_a_cold_start_with_one_line(nodes, reg, pushed,
     assert "store is unchanged" in lines[0]["msg"]
     assert store_state(b) == state and not (b.store_root / scope / cid).exists()
     print(f"\n{case}: {lines[0]['msg'][:300]}")
+
+
+def files_under(root: Path) -> dict[str, int]:
+    """Every file (with its size) and dir under root, but the empty lock files (all a failed pull keeps)."""
+    return {str(p.relative_to(root)): 0 if p.is_dir() else p.lstat().st_size for p in root.rglob("*")
+            if not (p.suffix == ".lock" and p.parent.name in (".pulls", ".locks") and p.lstat().st_size == 0)}
+
+
+def test_a_disk_that_fills_during_the_pull_is_a_cold_start_with_one_line(nodes, pushed, tmp_path):
+    """The store on a real 128 MiB tmpfs that another writer fills while the pull's blobs arrive: ENOSPC
+    midway.  pull_on_miss is False, one warning names the cause, the store path and the fix, and the store,
+    its .tmp and the filesystem's used bytes are back to what they were."""
+    b = nodes()
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128m,mode=0700", "tmpfs", str(disk)], check=True)
+    try:
+        (disk / "store").mkdir(mode=0o700)
+        b.store_root.mkdir(mode=0o700, exist_ok=True)
+        subprocess.run(["mount", "--bind", str(disk / "store"), str(b.store_root)], check=True)
+        try:
+            settings = config.load(b.config)
+            Store(settings, "_local").ensure()  # the store's own dirs (.tmp, .locks, ...), as any use makes them
+            (b.store / ".pulls").mkdir(mode=0o700)
+            before, used = files_under(b.store_root), shutil.disk_usage(disk).used
+            filled = threading.Event()
+
+            def fill_when_blobs_arrive() -> None:  # another writer on the node's disk, mid-pull
+                end = time.monotonic() + 60
+                while time.monotonic() < end and not any((b.store / ".tmp").glob("*/layout")):
+                    time.sleep(0.001)  # skopeo has made the layout: the download has begun
+                with open(disk / "filler", "wb") as f:  # a tmpfs gives back all of a failed fallocate: steps
+                    off = 0
+                    for step in (16 << 20, 1 << 20, 64 << 10, 4 << 10):
+                        try:
+                            while True:
+                                os.posix_fallocate(f.fileno(), off, step)
+                                off += step
+                        except OSError:
+                            pass
+                filled.set()
+
+            filler = threading.Thread(target=fill_when_blobs_arrive)
+            filler.start()
+            assert not fleet.pull_on_miss(settings, "_local", "carried", 60)
+            filler.join()
+            assert filled.is_set() and (disk / "filler").stat().st_size > 64 << 20
+            lines = fleet_lines(b)
+            assert len(lines) == 1 and lines[0]["level"] == "warning", lines
+            msg = lines[0]["msg"]
+            assert "disk is full" in msg and str(b.store) in msg and "\n" not in msg, msg
+            assert "free space there" in msg and "warmstart gc --budget" in msg and "store is unchanged" in msg, msg
+            assert files_under(b.store_root) == before
+            (disk / "filler").unlink()
+            assert shutil.disk_usage(disk).used == used  # nothing left anywhere on the disk
+            assert not (b.store / "carried").exists()
+            print(f"\ndisk full: {msg}")
+        finally:
+            subprocess.run(["umount", "-l", str(b.store_root)], check=False)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_the_node_agent_prefetches_what_this_nodes_pods_asked_for(nodes, pushed):

@@ -59,6 +59,24 @@ def test_metrics_count_per_namespace_and_reason() -> None:
     assert get("warmstart_restore_seconds_count") == 1
 
 
+def test_pulls_by_outcome_with_seconds(tmp_path: Path) -> None:
+    """fleet.py's lines: a pull with its seconds; a failure, a full disk and a missed deadline told apart."""
+    m = NodeMetrics()
+    fleet = {"component": "fleet", "scope": None, "namespace": "team-a"}
+    m.observe(rec("pulled r:team-a.w1, verified and sealed, in 2.5s", seconds=2.5, **fleet))
+    m.observe(rec("pull of r:team-a.w1 failed: skopeo inspect r failed: manifest unknown; the store is unchanged",
+                  "warning", **fleet))
+    m.observe(rec("pull of r:team-a.w1 failed: the store's disk is full: /s/team-a has 0 bytes free without this "
+                  "pull (x); free space there, ...; the store is unchanged", "warning", **fleet))
+    m.observe(rec("pull of r:team-a.w1 not finished after 30s (pull_deadline_s): starting cold; the pull goes on",
+                  "warning", **fleet))
+    get = m.registry.get_sample_value
+    for outcome in ("ok", "failed", "disk_full", "deadline"):
+        assert get("warmstart_pulls_total", {"namespace": "team-a", "outcome": outcome}) == 1, outcome
+    assert get("warmstart_pull_seconds_sum") == 2.5 and get("warmstart_pull_seconds_count") == 1
+    assert classify(rec("pull from the registry not started: x; starting cold", "warning", component="fleet")) is None
+
+
 def test_log_tail_reads_whole_lines_and_follows_rotation(tmp_path: Path) -> None:
     log = tmp_path / "runtime.log"
     log.write_text(json.dumps({"msg": "old"}) + "\n")
