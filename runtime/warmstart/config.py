@@ -10,6 +10,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 DEFAULT_CONFIG = Path("/etc/warmstart/config.toml")
 # Where install.sh puts the launcher: the handler's BinaryName, and what demo/bench/doctor run.
@@ -57,6 +58,30 @@ class RegistrySettings:
 
 
 @dataclass(frozen=True)
+class SharedStoreSettings:
+    """`[shared_store]`: a directory every node mounts (a PVC, an NFS export) holding checkpoints in the
+    store's layout, `<path>/<namespace>/<id>/checkpoint.done, *.img, ...` (sharedfs.py beside this file)."""
+
+    path: Path | None = None  # the share's mount point on this node; None: no shared store
+    publish: str = "auto"  # auto: copy each checkpoint this node makes to the share, in the background; off
+    fetch: str = "on-miss"  # on-miss: create copies a missing checkpoint from the share, then restores; off
+    # Seconds create waits for a fetch before starting cold (the fetch goes on for the next container).
+    fetch_deadline_s: int = 30
+
+    @property
+    def enabled(self) -> bool:
+        return self.path is not None
+
+    @property
+    def fetches_on_miss(self) -> bool:
+        return self.enabled and self.fetch == "on-miss"
+
+    @property
+    def publishes(self) -> bool:
+        return self.enabled and self.publish == "auto"
+
+
+@dataclass(frozen=True)
 class Settings:
     store: Path = Path("/var/lib/warmstart/checkpoints")
     seal_dir: Path = Path("/var/lib/warmstart/seals")
@@ -96,6 +121,7 @@ class Settings:
     secret_env_patterns: tuple[str, ...] = field(
         default=("*TOKEN*", "*SECRET*", "*PASSWORD*", "*PASSWD*", "*KEY*", "*CREDENTIAL*", "*AUTH*"))
     registry: RegistrySettings = RegistrySettings()
+    shared_store: SharedStoreSettings = SharedStoreSettings()
     # The file these settings were loaded from (not a config key): what a detached helper loads again.
     source: Path | None = field(default=None, compare=False)
 
@@ -177,50 +203,87 @@ def load(path: Path | None = None) -> Settings:
             values[key] = val
         elif key == "registry":
             values[key] = _registry(path, val)
+        elif key == "shared_store":
+            values[key] = _shared_store(path, val)
     store_env = os.environ.get("WARMSTART_STORE")
     if store_env:
         if not store_env.startswith("/"):
             raise ConfigError(f"WARMSTART_STORE must be an absolute path, got {store_env!r}")
         values["store"] = Path(store_env)
-    return Settings(**values)  # type: ignore[arg-type]
+    settings = Settings(**values)  # type: ignore[arg-type]
+    _check_share_apart(path, settings)
+    return settings
 
 
-_CHOICES = {"push": ("auto", "off"), "pull": ("on-miss", "prefetch", "off"), "compress": ("zstd", "none")}
-# key -> (least, most) for the integer keys of [registry]
+_CHOICES = {"push": ("auto", "off"), "pull": ("on-miss", "prefetch", "off"), "compress": ("zstd", "none"),
+            "publish": ("auto", "off"), "fetch": ("on-miss", "off")}
+# key -> (least, most) for the integer keys of [registry] and [shared_store]
 _RANGES = {"pull_deadline_s": (1, MAX_PULL_DEADLINE_S), "cache_budget_bytes": (0, 1 << 62),
-           "chunk_bytes": (1 << 20, 1 << 30), "compress_level": (1, 19)}
+           "chunk_bytes": (1 << 20, 1 << 30), "compress_level": (1, 19), "fetch_deadline_s": (1, MAX_PULL_DEADLINE_S)}
 
 
-def _registry(path: Path, raw: object) -> RegistrySettings:
-    """The `[registry]` table, each key checked like the top-level ones."""
+def _table(path: Path, raw: object, section: str, known: set[str],
+           special: Callable[[str, str, object], object]) -> dict[str, object]:
+    """A config table's values, each key checked like the top-level ones: choices (_CHOICES) and integer
+    ranges (_RANGES) here, the table's own keys by `special(name, key, value)`."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: registry must be a table: write it as a [registry] section")
-    known = {f.name for f in fields(RegistrySettings)}
+        raise ConfigError(f"{path}: {section} must be a table: write it as a [{section}] section")
     values: dict[str, object] = {}
     for key, val in raw.items():
-        name = f"{path}: registry.{key}"
+        name = f"{path}: {section}.{key}"
         if key not in known:
             raise ConfigError(f"{name}: unknown key; valid keys: {', '.join(sorted(known))}")
-        if key == "repository":
-            if not isinstance(val, str) or not (val == "" or _REPOSITORY_RE.fullmatch(val)) or len(val) > 255:
-                raise ConfigError(f"{name} must be host[:port]/path (lowercase path, no tag), "
-                                  f"e.g. \"registry.local:5000/warmstart/checkpoints\"; got {str(val)[:80]!r}")
-            values[key] = val
-        elif key == "auth_file":
-            if not isinstance(val, str) or not val.startswith("/"):
-                raise ConfigError(f"{name} must be an absolute path string, got {str(val)[:80]!r}")
-            values[key] = Path(val)
-        elif key == "tls_verify":
-            if not isinstance(val, bool):
-                raise ConfigError(f"{name} must be true or false (false only for a plain-HTTP registry), got {val!r}")
-            values[key] = val
-        elif key in _CHOICES:
+        if key in _CHOICES:
             if val not in _CHOICES[key]:
                 raise ConfigError(f"{name} must be one of {', '.join(map(repr, _CHOICES[key]))}, got {str(val)[:80]!r}")
             values[key] = val
-        else:
+        elif key in _RANGES:
             least, most = _RANGES[key]
             if not isinstance(val, int) or isinstance(val, bool) or not least <= val <= most:
                 raise ConfigError(f"{name} must be an integer from {least} to {most}, got {str(val)[:80]!r}")
             values[key] = val
-    return RegistrySettings(**values)  # type: ignore[arg-type]
+        else:
+            values[key] = special(name, key, val)
+    return values
+
+
+def _registry(path: Path, raw: object) -> RegistrySettings:
+    """The `[registry]` table."""
+    def special(name: str, key: str, val: object) -> object:
+        if key == "repository":
+            if not isinstance(val, str) or not (val == "" or _REPOSITORY_RE.fullmatch(val)) or len(val) > 255:
+                raise ConfigError(f"{name} must be host[:port]/path (lowercase path, no tag), "
+                                  f"e.g. \"registry.local:5000/warmstart/checkpoints\"; got {str(val)[:80]!r}")
+            return val
+        if key == "auth_file":
+            if not isinstance(val, str) or not val.startswith("/"):
+                raise ConfigError(f"{name} must be an absolute path string, got {str(val)[:80]!r}")
+            return Path(val)
+        if not isinstance(val, bool):  # tls_verify
+            raise ConfigError(f"{name} must be true or false (false only for a plain-HTTP registry), got {val!r}")
+        return val
+    known = {f.name for f in fields(RegistrySettings)}
+    return RegistrySettings(**_table(path, raw, "registry", known, special))  # type: ignore[arg-type]
+
+
+def _shared_store(path: Path, raw: object) -> SharedStoreSettings:
+    """The `[shared_store]` table."""
+    def special(name: str, key: str, val: object) -> object:  # path
+        if not isinstance(val, str) or not val.startswith("/") or val.rstrip("/") == "" or "\0" in val:
+            raise ConfigError(f"{name} must be the absolute path of the shared mount, e.g. "
+                              f"\"/mnt/warmstart-share\"; got {str(val)[:80]!r}")
+        return Path(val)
+    known = {f.name for f in fields(SharedStoreSettings)}
+    return SharedStoreSettings(**_table(path, raw, "shared_store", known, special))  # type: ignore[arg-type]
+
+
+def _check_share_apart(path: Path, settings: Settings) -> None:
+    """The share is untrusted input and the store and seals are root-only: neither may hold the other."""
+    share = settings.shared_store.path
+    if share is None:
+        return
+    for key in ("store", "seal_dir"):
+        mine: Path = getattr(settings, key)
+        if share == mine or share.is_relative_to(mine) or mine.is_relative_to(share):
+            raise ConfigError(f"{path}: shared_store.path {str(share)!r} overlaps {key} {str(mine)!r}; "
+                              f"mount the share elsewhere (e.g. /mnt/warmstart-share)")

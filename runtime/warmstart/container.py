@@ -175,10 +175,8 @@ class Container:
         b = self.bundle
         assert b is not None
         store = locate(self.settings, b.scope, b.policy.checkpoint_id)
-        if store is None and not self.st.share_pid_ns and self.settings.registry.pulls_on_miss:
-            from . import fleet  # noqa: PLC0415 - only with a [registry] repository
-            if fleet.pull_on_miss(self.settings, b.scope, b.policy.checkpoint_id):
-                store = locate(self.settings, b.scope, b.policy.checkpoint_id)
+        if store is None and not self.st.share_pid_ns:
+            store = self._fetch_missing(b)
         restoring = not self.st.share_pid_ns and store is not None
         self._bind()
         rootfs_dir = Path(self.st.rootfs)
@@ -198,6 +196,19 @@ class Container:
                           will_dump=b.policy.mode in (annotations.Mode.ON_STOP, annotations.Mode.ON_READY))
         self._watch_for_ready()
         self.runc.exec_passthrough(argv)
+
+    def _fetch_missing(self, b: Bundle) -> Store | None:
+        """No local checkpoint: copy it from the shared store, else pull it from the registry (as configured)."""
+        cid = b.policy.checkpoint_id
+        if self.settings.shared_store.fetches_on_miss:
+            from . import sharedfs  # noqa: PLC0415 - only with a [shared_store] path
+            if sharedfs.fetch_on_miss(self.settings, b.scope, cid):
+                return locate(self.settings, b.scope, cid)
+        if self.settings.registry.pulls_on_miss:
+            from . import fleet  # noqa: PLC0415 - only with a [registry] repository
+            if fleet.pull_on_miss(self.settings, b.scope, cid):
+                return locate(self.settings, b.scope, cid)
+        return None
 
     def restore(self, store: Store) -> bool:
         """Restore from `store`'s checkpoint in place of create; False (logged) means: create it cold."""
@@ -277,9 +288,13 @@ class Container:
         self._to(Status.CHECKPOINTED if res.ok else Status.FAILED)
         if not res.ok:
             Store(self.settings, self.st.scope).record_dump_failure(self.st.checkpoint_id, res.reason)
-        elif self.settings.registry.enabled:
-            from . import fleet  # noqa: PLC0415
-            fleet.push_in_background(self.settings, self.st.scope, self.st.checkpoint_id)  # detached: no wait
+        else:
+            if self.settings.registry.enabled:
+                from . import fleet  # noqa: PLC0415
+                fleet.push_in_background(self.settings, self.st.scope, self.st.checkpoint_id)  # detached: no wait
+            if self.settings.shared_store.publishes:
+                from . import sharedfs  # noqa: PLC0415
+                sharedfs.publish_in_background(self.settings, self.st.scope, self.st.checkpoint_id)  # detached
         self.st.status = self.status.value
         if not self.sd.save(self.st, missing_ok=True):
             self.log.warning("the container's warmstart state was removed during the dump (delete gave up waiting)")

@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import config
@@ -62,11 +63,11 @@ def _logger(settings: Settings, scope: str, cid: str) -> Logger:
     return Logger(settings.log_dir, context={"namespace": scope, "checkpoint_id": cid, "component": "fleet"})
 
 
-def _spawn(settings: Settings, args: list[str], pass_fds: tuple[int, ...] = ()) -> None:
-    """Start `python -m warmstart.fleet ARGS` detached: own session, no stdio of the caller (a shim
+def _spawn(settings: Settings, args: list[str], pass_fds: tuple[int, ...] = (), module: str = "fleet") -> None:
+    """Start `python -m warmstart.MODULE ARGS` detached: own session, no stdio of the caller (a shim
     waits for the runtime's pipes to close), the same config; the caller never waits for it."""
     env = {**os.environ, "WARMSTART_CONFIG": settings.config_source}
-    subprocess.Popen([sys.executable, "-m", f"{__package__}.fleet", *args], stdin=subprocess.DEVNULL,
+    subprocess.Popen([sys.executable, "-m", f"{__package__}.{module}", *args], stdin=subprocess.DEVNULL,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                      close_fds=True, pass_fds=pass_fds, env=env, cwd="/")
 
@@ -118,34 +119,67 @@ def pull_on_miss(settings: Settings, scope: str, cid: str, deadline_s: float | N
     reg = settings.registry
     if not reg.enabled or reg.pull == "off":
         return False
-    wait_s = reg.pull_deadline_s if deadline_s is None else deadline_s
-    deadline = time.monotonic() + wait_s
     log = _logger(settings, scope, cid)
     try:
-        store = Store(settings, scope)
-        if store.exists(cid):
-            return True
         ref = ref_for(settings, scope, cid)
-        fd = _key_lock(settings, scope, cid, "pull")
-    except (OSError, ValueError) as e:
+    except ValueError as e:
         log.warning(f"pull from the registry not started: {e}; starting cold")
+        return False
+    return fetch_detached(OnMiss(settings, scope, cid, "pull", "fleet", "pull from the registry", f"pull of {ref}",
+                                 "pull_deadline_s", log),
+                          reg.pull_deadline_s if deadline_s is None else deadline_s)
+
+
+@dataclass(frozen=True)
+class OnMiss:
+    """One source a create's miss fetches from: its worker (`python -m warmstart.MODULE KIND ...`) and how
+    its log lines name it."""
+
+    settings: Settings
+    scope: str
+    cid: str
+    kind: str  # the worker's action, and the key lock's name: pull (registry), fetch (shared store)
+    module: str
+    source: str  # "pull from the registry"
+    what: str  # "pull of REF"
+    deadline_key: str  # the config key of the deadline
+    log: Logger
+
+
+def fetch_detached(m: OnMiss, wait_s: float) -> bool:
+    """Bring a missing checkpoint into the store through a detached worker, waiting at most wait_s.
+
+    The caller that wins the key's flock (`<store>/<ns>/.pulls/<id>.<kind>.lock`) starts the worker and
+    hands it that lock; every caller then waits until the lock is free (the worker is over) or wait_s
+    passes.  So concurrent callers on a node share one worker, and one that outlives the deadline goes on
+    for the next container.  True when the checkpoint is in the store.
+    """
+    deadline = time.monotonic() + wait_s
+    try:
+        store = Store(m.settings, m.scope)
+        if store.exists(m.cid):
+            return True
+        fd = _key_lock(m.settings, m.scope, m.cid, m.kind)
+    except (OSError, ValueError) as e:
+        m.log.warning(f"{m.source} not started: {e}; starting cold")
         return False
     try:
-        if _try_flock(fd, fcntl.LOCK_EX):  # nobody pulls this key: start the pull, and hand it this lock
-            if store.exists(cid):  # a pull finished between the check above and the lock
+        if _try_flock(fd, fcntl.LOCK_EX):  # nobody fetches this key: start the worker, and hand it this lock
+            if store.exists(m.cid):  # a worker finished between the check above and the lock
                 return True
-            _spawn(settings, ["pull", "--namespace", scope, "--lock-fd", str(fd), cid], pass_fds=(fd,))
-        os.close(fd)  # a started pull holds the lock through its own fd on the same open file
-        fd = _key_lock(settings, scope, cid, "pull")  # a new open file: its flock waits like anyone's
+            _spawn(m.settings, [m.kind, "--namespace", m.scope, "--lock-fd", str(fd), m.cid], pass_fds=(fd,),
+                   module=m.module)
+        os.close(fd)  # a started worker holds the lock through its own fd on the same open file
+        fd = _key_lock(m.settings, m.scope, m.cid, m.kind)  # a new open file: its flock waits like anyone's
         while time.monotonic() < deadline:
-            if _try_flock(fd, fcntl.LOCK_SH):  # the pull is over, one way or the other
-                return store.exists(cid)
+            if _try_flock(fd, fcntl.LOCK_SH):  # the worker is over, one way or the other
+                return store.exists(m.cid)
             time.sleep(POLL_S)
-        log.warning(f"pull of {ref} not finished after {wait_s:g}s (pull_deadline_s): starting cold; "
-                    "the pull goes on for the next container")
+        m.log.warning(f"{m.what} not finished after {wait_s:g}s ({m.deadline_key}): starting cold; "
+                      f"the {m.kind} goes on for the next container")
         return False
     except OSError as e:
-        log.warning(f"pull from the registry not started: {e}; starting cold")
+        m.log.warning(f"{m.source} not started: {e}; starting cold")
         return False
     finally:
         os.close(fd)
@@ -195,18 +229,25 @@ def _run_pull(settings: Settings, scope: str, cid: str, lock_fd: int) -> int:
         os.close(lock_fd)  # after the log line: whoever waits on the lock sees the outcome logged
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m warmstart.fleet", description=__doc__.split("\n")[0])
-    p.add_argument("action", choices=["push", "pull"])
+def worker_args(prog: str, actions: list[str], doc: str, argv: list[str] | None) -> argparse.Namespace:
+    """The argv of a detached worker: ACTION ID [--namespace NS] [--lock-fd N].  The last action is the
+    one fetch_detached starts, which needs --lock-fd (the key's lock, inherited)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
+    p.add_argument("action", choices=actions)
     p.add_argument("id", type=validate_id)
     p.add_argument("--namespace", default=LOCAL_SCOPE)
     p.add_argument("--lock-fd", type=int)
     args = p.parse_args(argv)
+    if args.action == actions[-1] and args.lock_fd is None:
+        p.error(f"{actions[-1]} needs --lock-fd (its on-miss caller starts it)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = worker_args("python -m warmstart.fleet", ["push", "pull"], __doc__, argv)
     settings = config.load()
     if args.action == "push":
         return _run_push(settings, args.namespace, args.id)
-    if args.lock_fd is None:
-        p.error("pull needs --lock-fd (pull_on_miss starts it)")
     return _run_pull(settings, args.namespace, args.id, args.lock_fd)
 
 

@@ -123,3 +123,45 @@ def test_registry_example_loads():
     """config/warmstart/registry.toml, the documented example, is a valid config."""
     example = Path(__file__).resolve().parents[2] / "config" / "warmstart" / "registry.toml"
     assert config.load(example).registry.repository == "registry.local:5000/warmstart/checkpoints"
+
+
+def test_shared_store_section(tmp_path):
+    assert not Settings().shared_store.enabled and not Settings().shared_store.fetches_on_miss
+    got = config.load(write(tmp_path, '[shared_store]\npath = "/mnt/share"\npublish = "off"\nfetch = "on-miss"\n'
+                                      'fetch_deadline_s = 20\n')).shared_store
+    assert got == config.SharedStoreSettings(Path("/mnt/share"), "off", "on-miss", 20)
+    assert got.enabled and got.fetches_on_miss and not got.publishes
+
+
+@pytest.mark.parametrize("line,needle", [
+    ('path = "share"', "shared_store.path must be the absolute path of the shared mount"),
+    ('path = "/"', "shared_store.path must be the absolute path"),
+    ("path = 5", "shared_store.path must be the absolute path"),
+    ('publish = "on"', "shared_store.publish must be one of 'auto', 'off'"),
+    ('fetch = "prefetch"', "shared_store.fetch must be one of 'on-miss', 'off'"),
+    ("fetch_deadline_s = 0", "shared_store.fetch_deadline_s must be an integer from 1 to 110"),
+    ("fetch_deadline_s = 111", "shared_store.fetch_deadline_s must be an integer from 1 to 110"),
+    ('fetch_deadline_s = "30"', "shared_store.fetch_deadline_s"),
+    ('dir = "/x"', "shared_store.dir: unknown key; valid keys: fetch, fetch_deadline_s, path, publish"),
+])
+def test_shared_store_bad_values_name_the_key(tmp_path, line, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")) as e:
+        config.load(write(tmp_path, f"[shared_store]\n{line}\n"))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("top, share", [
+    ('store = "/srv/ws"', "/srv/ws"),
+    ('store = "/srv/ws"', "/srv/ws/share"),
+    ('store = "/srv/ws/store"', "/srv/ws"),
+    ('seal_dir = "/srv/seals"', "/srv/seals/x"),
+])
+def test_shared_store_must_not_overlap_the_store_or_seals(tmp_path, top, share):
+    key = top.split()[0]
+    with pytest.raises(ConfigError, match=f"shared_store.path '{share}' overlaps {key} .*; mount the share elsewhere"):
+        config.load(write(tmp_path, f'{top}\n[shared_store]\npath = "{share}"\n'))
+
+
+def test_shared_store_must_be_a_table(tmp_path):
+    with pytest.raises(ConfigError, match=r"shared_store must be a table: write it as a \[shared_store\] section"):
+        config.load(write(tmp_path, 'shared_store = "/mnt/share"\n'))

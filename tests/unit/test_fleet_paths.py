@@ -57,7 +57,7 @@ class FakeWorker:
     def __init__(self, settings: config.Settings, seconds: float, ok: bool = True) -> None:
         self.settings, self.seconds, self.ok, self.calls = settings, seconds, ok, []
 
-    def __call__(self, settings, args, pass_fds=()):
+    def __call__(self, settings, args, pass_fds=(), module="fleet"):
         self.calls.append(args)
         held = os.dup(pass_fds[0]) if pass_fds else None  # the child's inherited fd: same open file, same lock
 
@@ -84,7 +84,7 @@ def test_off_or_unconfigured_does_nothing(store, monkeypatch):
 
 def test_push_in_background_returns_at_once(store, monkeypatch):
     calls = []
-    monkeypatch.setattr(fleet, "_spawn", lambda settings, args, pass_fds=(): calls.append(args))
+    monkeypatch.setattr(fleet, "_spawn", lambda settings, args, pass_fds=(), module="fleet": calls.append(args))
     assert fleet.push_in_background(with_registry(store), "tenant-a", "x")
     assert calls == [["push", "--namespace", "tenant-a", "x"]]
     assert not fleet.push_in_background(with_registry(store), "Bad", "x")
