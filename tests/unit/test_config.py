@@ -165,3 +165,10 @@ def test_shared_store_must_not_overlap_the_store_or_seals(tmp_path, top, share):
 def test_shared_store_must_be_a_table(tmp_path):
     with pytest.raises(ConfigError, match=r"shared_store must be a table: write it as a \[shared_store\] section"):
         config.load(write(tmp_path, 'shared_store = "/mnt/share"\n'))
+
+
+def test_shared_store_example_loads():
+    """config/warmstart/shared-store.toml, the documented example, is a valid config."""
+    example = Path(__file__).resolve().parents[2] / "config" / "warmstart" / "shared-store.toml"
+    got = config.load(example).shared_store
+    assert got.path == Path("/mnt/warmstart-share") and got.publishes and got.fetches_on_miss
