@@ -4,16 +4,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import shim  # noqa: E402
+
+from warmstart.testing.registry import start_registry  # noqa: E402, F401 - test_fleet* import it from here
 
 REGISTRY = shutil.which("docker-registry")
 pytestmark = [
@@ -23,25 +23,6 @@ pytestmark = [
                        reason="needs docker-registry and skopeo (install.sh installs both)"),
     pytest.mark.skipif(not Path(shim.RUNTIME).exists(), reason=f"{shim.RUNTIME} not installed (install.sh)"),
 ]
-
-
-def start_registry(base: Path) -> tuple[subprocess.Popen, str]:
-    """docker-registry on a free loopback port, its storage and request log (registry.log) under `base`."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    (base / "config.yml").write_text(
-        f"version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {base}/data\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n")
-    with open(base / "registry.log", "wb") as log:
-        proc = subprocess.Popen([REGISTRY, "serve", str(base / "config.yml")], stdout=log, stderr=log)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    return proc, f"127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", type=Path, default=RUNTIME, help="the runtime handler's BinaryName")
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs, store) for inspection")
     p.add_argument("--grace", type=int, default=120, help="StopContainer timeout (terminationGracePeriodSeconds)")
+    from . import fleet_demo  # noqa: PLC0415 - the --fleet variant builds on this module
+
+    fleet_demo.add_arguments(p)
 
 
 class Progress:
@@ -207,6 +210,9 @@ class Demo:
 def run(args: argparse.Namespace) -> int:
     from .cri.containerd import Containerd  # noqa: PLC0415
 
+    if args.fleet:
+        from . import fleet_demo  # noqa: PLC0415
+        return fleet_demo.run(args)
     if not ready_to_run("demo", args.runtime, "it starts containerd, runc and CRIU"):
         return 2
     say = Progress()
@@ -221,13 +227,16 @@ def run(args: argparse.Namespace) -> int:
         say("interrupted; cleaning up")
         return 130
     finally:
-        problems = ctrd.stop()
-        if args.keep:
-            say(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-        say("cleaned up" + (f" with problems: {problems}" if problems else
-                            ": containerd, pods, mounts, network, temp dirs"))
+        clean_up(say, work, args.keep, ctrd.stop(), "containerd, pods, mounts, network, temp dirs")
+
+
+def clean_up(say: Progress, work: Path, keep: bool, problems: list[str], what: str) -> None:
+    """The work dir goes (unless kept); one line says what was cleaned, or the problems met."""
+    if keep:
+        say(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    say("cleaned up" + (f" with problems: {problems}" if problems else f": {what}"))
 
 
 def print_table(r: DemoResult) -> None:
