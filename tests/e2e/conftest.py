@@ -28,7 +28,9 @@ from warmstart.testing.cri.containerd import Containerd  # noqa: E402
 
 # The runtime handler containerd calls for RuntimeClass "warmstart"; tests of
 # an uninstalled tree can point it at another launcher.
-WARMSTART_BINARY = Path(os.environ.get("WARMSTART_RUNTIME_BINARY", "/usr/local/bin/warmstart-runtime"))
+# One name for it across the harnesses: WARMSTART_RUNTIME (shim.py's); WARMSTART_RUNTIME_BINARY still read.
+WARMSTART_BINARY = Path(os.environ.get("WARMSTART_RUNTIME") or os.environ.get("WARMSTART_RUNTIME_BINARY")
+                        or "/usr/local/bin/warmstart-runtime")
 
 
 def _cri_skip_reason() -> str | None:
