@@ -50,17 +50,22 @@ pytestmark = shim.parallel_reads_marks("unshare")
 
 # The tree.  argv: DIR KIDS COW_MIB OWN_MIB [CHILD_MIB].  The root maps a private region of COW_MIB filled
 # with random bytes, forks KIDS children (child i rewrites up to 4 MiB at i/KIDS of the region; child0
-# also maps CHILD_MIB of random bytes of its own, after the fork), then maps
+# also maps CHILD_MIB of random bytes of its own, after the fork, and starts 2 threads), then maps
 # what only it has: OWN_MIB of random bytes, a sparse region and a MAP_PRIVATE file mapping of
 # DIR/data.bin with every third page rewritten.  SIGUSR1: each process writes DIR/report-NAME.json;
 # SIGUSR2: each rewrites a little more (the change between a pre-dump and a dump).
 TREE = r'''
-import hashlib, json, mmap, os, signal, sys
+import hashlib, json, mmap, os, signal, sys, threading, time
 d, kids, cow_mib, own_mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 child_mib = int(sys.argv[5]) if len(sys.argv) > 5 else 0
 os.setsid()
 PAGE = mmap.PAGESIZE
 PRIV = dict(flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+def tick():
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2})  # the main thread's pause() gets them
+    while True:
+        time.sleep(0.05)
 
 def fill(m, off, n):
     for o in range(off, off + n, 1 << 20):
@@ -78,6 +83,8 @@ for i in range(kids):
         if i == 0 and child_mib:
             regions["big"] = mmap.mmap(-1, child_mib << 20, **PRIV)
             fill(regions["big"], 0, child_mib << 20)
+            for _ in range(2):  # threads get their tids back after the helpers' pids are free
+                threading.Thread(target=tick, daemon=True).start()
         break
 else:
     own = mmap.mmap(-1, own_mib << 20, **PRIV)
@@ -114,6 +121,7 @@ def huge_kb(m):
 def report(*_):
     out = {k: hashlib.sha256(m).hexdigest() for k, m in regions.items()}
     out["pid"] = os.getpid()  # in the tree's pid namespace: the restore gives it back
+    out["tasks"] = len(os.listdir("/proc/self/task"))  # its threads, as the kernel sees them
     if "sparse" in regions:
         s, z = regions["sparse"], bytes(PAGE)
         out["sparse_zeros"] = all(s[p * PAGE:(p + 1) * PAGE] == z for p in range(len(s) // PAGE) if p % 4 != 3)
@@ -439,7 +447,7 @@ def test_child_holding_most_memory_reads_its_own_pages_in_parallel(base):
     tree.start()
     want = tree.report(tree.pid)
     big, small = want["child0"]["pid"], want["child1"]["pid"]
-    assert len({want[n]["pid"] for n in tree.names}) == 3
+    assert len({want[n]["pid"] for n in tree.names}) == 3 and want["child0"]["tasks"] == 3
     tree.dump(base / "img")
     on = restore_and_check(tree, base / "img", want, THREADS, "parallel")
     reads = task_reads(on.log)
@@ -448,3 +456,4 @@ def test_child_holding_most_memory_reads_its_own_pages_in_parallel(base):
     assert small not in reads, f"a child below the threshold keeps CRIU's own path: {reads}"
     off = restore_and_check(tree, base / "img", want, 1, "serial")
     assert not task_reads(off.log)
+
