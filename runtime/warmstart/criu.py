@@ -27,8 +27,8 @@ DUMP_OPTIONS = ["link-remap", "ghost-limit 64M", "skip-in-flight"]  # CRIU spell
 # namespace with a new IP; restore them closed so the worker sees a reset.
 RESTORE_OPTIONS = ["tcp-close"]
 # Eager restore is bound by the first touch of fresh memory; warmstart's CRIU
-# patch (packaging/criu-4.2.1-parallel-reads.patch) spreads the root task's page
-# reads over this many workers.  An env var, not a config-file option: a CRIU
+# patch (packaging/criu-4.2.1-parallel-reads.patch) spreads each large task's page
+# reads (a child's too) over this many workers.  An env var, not a config-file option: a CRIU
 # without the patch ignores it instead of failing the restore.
 PARALLEL_READS_ENV = "CRIU_PARALLEL_READS"
 MAX_READ_THREADS = 8

@@ -8,11 +8,12 @@ the one taken before the dump, and the restore with parallel reads must have use
 says so).  Shapes: copy-on-write fan-out (a shared region, 4 children each rewriting a part of
 their copy), a sparse region (untouched, zero-faulted, zero-written and random pages), a modified
 MAP_PRIVATE file mapping, a MADV_HUGEPAGE region (back in huge pages with parallel reads), a
-two-level image chain, and a root with 16 children (fork time and peak Committed_AS no higher than
-CRIU's own path).
+two-level image chain, a root with 16 children (fork time and peak Committed_AS no higher than
+CRIU's own path), and a child that holds most of the memory (1 GiB of its own, as a GPU worker's
+engine process does): its own pages are read in parallel, a small sibling's are not.
 
 The shared region is 256 MiB, not 1 GiB: three restores of it run on a 2-vCPU VM shared with
-other work; WARMSTART_TEST_COW_MIB sets it.
+other work; WARMSTART_TEST_COW_MIB sets it (WARMSTART_TEST_CHILD_MIB the big child's 1 GiB).
 """
 from __future__ import annotations
 
@@ -39,22 +40,32 @@ from shim import subreaper  # noqa: E402, F401 - autouse: restored trees are re-
 
 CRIU = shim.CRIU
 COW_MIB = int(os.environ.get("WARMSTART_TEST_COW_MIB", "256"))
+CHILD_MIB = int(os.environ.get("WARMSTART_TEST_CHILD_MIB", "1024"))
 THREADS = 2
 PARALLEL_LINE = re.compile(r"Reading (\d+) bytes of pages in \d+ chunks with (\d+) threads")
+# the same line with CRIU's log prefix, "(seconds) vpid: ", which says whose pages were read
+TASK_PARALLEL_LINE = re.compile(r"^\(\s*[\d.]+\)\s+(\d+): " + PARALLEL_LINE.pattern + "$", re.M)
 
 pytestmark = shim.parallel_reads_marks("unshare")
 
-# The tree.  argv: DIR KIDS COW_MIB OWN_MIB.  The root maps a private region of COW_MIB filled with
-# random bytes, forks KIDS children (child i rewrites up to 4 MiB at i/KIDS of the region), then maps
+# The tree.  argv: DIR KIDS COW_MIB OWN_MIB [CHILD_MIB].  The root maps a private region of COW_MIB filled
+# with random bytes, forks KIDS children (child i rewrites up to 4 MiB at i/KIDS of the region; child0
+# also maps CHILD_MIB of random bytes of its own, after the fork, and starts 2 threads), then maps
 # what only it has: OWN_MIB of random bytes, a sparse region and a MAP_PRIVATE file mapping of
 # DIR/data.bin with every third page rewritten.  SIGUSR1: each process writes DIR/report-NAME.json;
 # SIGUSR2: each rewrites a little more (the change between a pre-dump and a dump).
 TREE = r'''
-import hashlib, json, mmap, os, signal, sys
+import hashlib, json, mmap, os, signal, sys, threading, time
 d, kids, cow_mib, own_mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+child_mib = int(sys.argv[5]) if len(sys.argv) > 5 else 0
 os.setsid()
 PAGE = mmap.PAGESIZE
 PRIV = dict(flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+def tick():
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2})  # the main thread's pause() gets them
+    while True:
+        time.sleep(0.05)
 
 def fill(m, off, n):
     for o in range(off, off + n, 1 << 20):
@@ -69,6 +80,11 @@ for i in range(kids):
         fill(cow, (len(cow) // kids) * i, min(4 << 20, len(cow) // kids))
         regions = {"cow": cow, "mine": mmap.mmap(-1, 1 << 20, **PRIV)}
         fill(regions["mine"], 0, 1 << 20)
+        if i == 0 and child_mib:
+            regions["big"] = mmap.mmap(-1, child_mib << 20, **PRIV)
+            fill(regions["big"], 0, child_mib << 20)
+            for _ in range(2):  # threads get their tids back after the helpers' pids are free
+                threading.Thread(target=tick, daemon=True).start()
         break
 else:
     own = mmap.mmap(-1, own_mib << 20, **PRIV)
@@ -104,6 +120,8 @@ def huge_kb(m):
 
 def report(*_):
     out = {k: hashlib.sha256(m).hexdigest() for k, m in regions.items()}
+    out["pid"] = os.getpid()  # in the tree's pid namespace: the restore gives it back
+    out["tasks"] = len(os.listdir("/proc/self/task"))  # its threads, as the kernel sees them
     if "sparse" in regions:
         s, z = regions["sparse"], bytes(PAGE)
         out["sparse_zeros"] = all(s[p * PAGE:(p + 1) * PAGE] == z for p in range(len(s) // PAGE) if p % 4 != 3)
@@ -151,6 +169,7 @@ class Tree:
     kids: int
     cow_mib: int
     own_mib: int
+    child_mib: int = 0
     names: list[str] = field(default_factory=list)
     pid: int = 0
     unshare: subprocess.Popen | None = None
@@ -166,7 +185,7 @@ class Tree:
     def start(self) -> None:
         self.unshare = subprocess.Popen(
             ["unshare", "--pid", "--fork", sys.executable, str(self.dir / "tree.py"), str(self.dir),
-             str(self.kids), str(self.cow_mib), str(self.own_mib)],
+             str(self.kids), str(self.cow_mib), str(self.own_mib), str(self.child_mib)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         kids = Path(f"/proc/{self.unshare.pid}/task/{self.unshare.pid}/children")
         wait_for(lambda: self.unshare.poll() is not None or kids.read_text().split(), 30, "the tree's init")
@@ -180,9 +199,21 @@ class Tree:
     def report(self, pid: int) -> dict[str, dict]:
         for n in self.names:
             (self.dir / f"report-{n}.json").unlink(missing_ok=True)
-        for p in [pid, *descendants(pid)]:
-            os.kill(p, signal.SIGUSR1)
-        wait_for(lambda: all((self.dir / f"report-{n}.json").exists() for n in self.names), 120, "reports")
+
+        def done() -> bool:
+            return all((self.dir / f"report-{n}.json").exists() for n in self.names)
+
+        deadline = time.monotonic() + 120
+        while not done():
+            # Again every 15 s: a signal that lands while a just-restored task leaves CRIU's restorer
+            # runs its handler, and then the task re-enters the pause() it was dumped in.
+            if time.monotonic() > deadline:
+                raise AssertionError("timed out waiting for reports")
+            for p in [pid, *descendants(pid)]:
+                os.kill(p, signal.SIGUSR1)
+            until = min(deadline, time.monotonic() + 15)
+            while not done() and time.monotonic() < until:
+                time.sleep(0.05)
         return {n: json.loads((self.dir / f"report-{n}.json").read_text()) for n in self.names}
 
     def change(self) -> None:
@@ -403,3 +434,26 @@ def test_root_with_16_children_forks_no_slower_and_commits_no_more_with_parallel
     # +8.3 GiB against +1.0 GiB).  A margin of one root's worth absorbs the node's noise.
     assert fork_on <= max(3 * fork_off, fork_off + 0.1), (fork_on, fork_off)
     assert peak_on <= peak_off + (own_mib << 20), (peak_on, peak_off)
+
+
+def task_reads(log: str) -> dict[int, tuple[int, int]]:
+    """Per task (pid in the tree's namespace): (bytes, workers) of each parallel read its restore log reports."""
+    return {int(m.group(1)): (int(m.group(2)), int(m.group(3))) for m in TASK_PARALLEL_LINE.finditer(log)}
+
+
+def test_child_holding_most_memory_reads_its_own_pages_in_parallel(base):
+    """The shape of a GPU inference worker: a small front process, a child (the engine) with the state."""
+    tree = Tree(base, kids=2, cow_mib=8, own_mib=8, child_mib=CHILD_MIB)
+    tree.start()
+    want = tree.report(tree.pid)
+    big, small = want["child0"]["pid"], want["child1"]["pid"]
+    assert len({want[n]["pid"] for n in tree.names}) == 3 and want["child0"]["tasks"] == 3
+    tree.dump(base / "img")
+    on = restore_and_check(tree, base / "img", want, THREADS, "parallel")
+    reads = task_reads(on.log)
+    assert big in reads, f"the big child ({big}) read its pages with CRIU's own path: {reads}"
+    assert reads[big][0] >= CHILD_MIB << 20 and reads[big][1] == THREADS, reads
+    assert small not in reads, f"a child below the threshold keeps CRIU's own path: {reads}"
+    off = restore_and_check(tree, base / "img", want, 1, "serial")
+    assert not task_reads(off.log)
+
