@@ -27,7 +27,10 @@ exec > >(tee -a "$RES/run.log") 2>&1
 install -m755 "$C/bin/runc" "$R/usr/sbin/runc"
 install -m755 "$C/bin/criu" "$WS/criu"
 cp "$C/lib/"* "$WS/lib/"
-printf '#!/bin/sh\nLD_LIBRARY_PATH=%s exec %s "$@"\n' "$WS/lib" "$WS/criu" >"$R/usr/local/sbin/criu"
+# The comment names what the carried binary reads (CRIU_PARALLEL_READS, when warmstart's patch is in
+# it): criu.has_parallel_reads looks for that name in the file it is given, here the wrapper.
+par=""; grep -qa CRIU_PARALLEL_READS "$WS/criu" && par='# exec passes CRIU_PARALLEL_READS on to the patched binary\n'
+printf "#!/bin/sh\n${par}LD_LIBRARY_PATH=%s exec %s \"\$@\"\n" "$WS/lib" "$WS/criu" >"$R/usr/local/sbin/criu"
 chmod 755 "$R/usr/local/sbin/criu"
 [ -f "$C/bin/criu.warmstart-patch" ] && cp "$C/bin/criu.warmstart-patch" "$R/usr/local/sbin/criu.warmstart-patch"
 # runc and python-prctl run without the wrapper: a library of theirs the machine lacks (libseccomp,
