@@ -14,7 +14,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
-from . import annotations, dynamo_protocol, image_id, rootfs
+from . import annotations, createlock, dynamo_protocol, image_id, rootfs
 from .config import Settings
 from .fileutil import write_json_atomic
 from .hooks import main as poststop_hook
@@ -189,7 +189,7 @@ class Container:
             self.runc.exec_passthrough(argv)
         if restoring:
             assert store is not None
-            if self.restore(store):
+            if self.restore(store, argv):
                 return 0
         else:
             self.log.info(f"cold start: no checkpoint {b.policy.checkpoint_id} in the store yet",
@@ -210,10 +210,17 @@ class Container:
                 return locate(self.settings, b.scope, cid)
         return None
 
-    def restore(self, store: Store) -> bool:
-        """Restore from `store`'s checkpoint in place of create; False (logged) means: create it cold."""
+    def restore(self, store: Store, argv: list[str]) -> bool:
+        """Restore from `store`'s checkpoint in place of create; False (logged) means: create it cold.
+
+        When runc already had the id (a create that bypassed createlock: a plain one, runc called
+        directly), the state this create made goes and runc gets the call, to fail as its own create does."""
         from .restore import restore  # noqa: PLC0415 - not on a cold create's path
         res: RestoreResult = restore(self, store)
+        if res.id_taken:
+            self.log.warning(f"{res.reason}; passing the call to runc unchanged", phases=res.phases)
+            self.sd.remove()
+            self.runc.exec_passthrough(argv)
         if not res.ok:
             self.log.warning(f"cold start: {res.reason}", phases=res.phases)
             return False
@@ -321,4 +328,5 @@ class Container:
         code = self.runc.passthrough(argv)
         if code == 0 or self.runc.state(self.sd.path.name) is None:
             self.sd.remove()  # gone from runc: nothing of ours may outlive it
+            createlock.remove(self.settings.state_dir, self.runc.root, self.sd.path.name)
         return code

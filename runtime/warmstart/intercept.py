@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple, NoReturn
 
-from . import annotations, config, rootfs, runc, trust
+from . import annotations, config, createlock, rootfs, runc, trust
 from .container import Bundle, Container, Status
 from .log import Logger
 from .spec import Spec
@@ -57,6 +57,8 @@ def _opted_in(call: Call) -> Bundle:
     c = runc.CreateArgs.parse(call.rest)
     log = call.log
     log.context = {"container": c.id}
+    # held until runc has the id (createlock.py): another create of it waits here, then sees it below
+    createlock.hold(call.settings.state_dir, call.runc.root, c.id)
     if os.path.lexists(call.runc.root / c.id):
         # runc already has this id: its own create fails as it should, and nothing of warmstart's
         # (state dir, restore, a failed restore's cleanup) may touch the container that holds it

@@ -34,6 +34,7 @@ class RestoreResult:
     reason: str
     phases: dict[str, float] = field(default_factory=dict)
     pid: int | None = None
+    id_taken: bool = False  # runc already had the id: nothing of the restore reached runc (IdTaken)
 
 
 def cgroup_path(spec: Spec, container_id: str, systemd: bool) -> str:
@@ -126,6 +127,10 @@ class _Attempt:
             ct.mark_restored()  # launch.py: `start` is then a no-op without imports
             self.journal.commit()  # restored: drop what the diff set aside (never raises)
             return RestoreResult(True, f"restored from {cid} (verified by {self.ckpt.verified_by})", ph.timings, pid)
+        except IdTaken as e:
+            # runc made nothing: its state, the cgroup's processes and the pid file are the other create's
+            self._undo_rootfs()
+            return RestoreResult(False, f"restore from {cid} not attempted: {e}", ph.timings, id_taken=True)
         except (CheckpointError, rootfs.RootfsError, WorkerHookFailed) as e:
             self._cleanup()
             what = "restore from" if isinstance(e, WorkerHookFailed) else "checkpoint"
@@ -192,6 +197,9 @@ class _Attempt:
                                   watch, self.stdio)
             p, how = lazy.run_restore(self.rc, self.c.id, opts, run, ckpt.path, self.spec.raw, self.log)
         self.log.context["restore_mode"] = how
+        if p.returncode != 0 and ID_TAKEN in _reason(self.runc_out, self.work):
+            raise IdTaken(f"runc already has a container {self.c.id} (a create that did not wait for this "
+                          "one's lock: a plain one, or runc called directly)")
         if p.returncode != 0:
             died = (f"CRIU died mid-restore (killed the half-restored task {watch.released} that kept runc "
                     "waiting on the swrk socket); " if watch.released else "")
@@ -234,11 +242,14 @@ class _Attempt:
         _umount_under(self.work, log)  # ... and its cgroup yard mounted under the work dir
         if self.c.pid_file:
             Path(self.c.pid_file).unlink(missing_ok=True)
+        self._undo_rootfs()
+
+    def _undo_rootfs(self) -> None:
         if self.applied:
             try:
                 rootfs.undo(self.rootfs_dir, self.journal)
             except Exception as e:  # noqa: BLE001
-                log.error("cleanup: could not undo the rootfs diff", error=str(e))
+                self.log.error("cleanup: could not undo the rootfs diff", error=str(e))
 
 
 def _in_uts(ns_file: str, hostname: str | None = None) -> str:
@@ -274,6 +285,14 @@ def _fix_hostname(pid: int | None, want: str | None) -> None:
 
 class RestoreFailed(Exception):
     pass
+
+
+# runc's error when its create (or restore) finds the id taken (libcontainer's ErrExist)
+ID_TAKEN = "container with given ID already exists"
+
+
+class IdTaken(RestoreFailed):
+    """runc refused the restore before doing anything: another container holds the id."""
 
 
 class WorkerHookFailed(Exception):

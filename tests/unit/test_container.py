@@ -49,6 +49,8 @@ class FakeRunc:
     restore_code: int = 0
     checkpoint_answer: Any = 0  # an exit code, or an exception to raise (a timeout)
     exec_code: int = 0
+    restore_error: str = ""  # written to the restore's runc log, as runc logs its error
+    log: Path | None = None
     calls: list[tuple[str, str]] = field(default_factory=list)
     g: GlobalOpts = field(default_factory=GlobalOpts)
     criu: Path = Path("/nonexistent/criu")
@@ -57,12 +59,15 @@ class FakeRunc:
         return [v for v, _ in self.calls]
 
     def logging_to(self, log: Path) -> "FakeRunc":
+        self.log = log
         return self
 
     def restore(self, container_id: str, opts: RestoreOpts, run: RestoreRun) -> subprocess.CompletedProcess:
         self.calls.append(("restore", container_id))
         if self.restore_code == 0 and opts.of.pid_file:
             Path(opts.of.pid_file).write_text("999999999")  # no such process: nothing may act on it
+        if self.restore_error and self.log is not None:
+            self.log.write_text(json.dumps({"level": "error", "msg": self.restore_error}) + "\n")
         return done(self.restore_code, "restore failed")
 
     def discard_failed_restore(self, container_id: str) -> list[str]:
@@ -200,6 +205,23 @@ def test_failed_restore_is_cleaned_up_counted_and_created_cold(settings, fake, t
     assert checkpoint.failures() == 1
     assert not Path(ct.st.pid_file).exists() and not ct.sd.restored_marker.exists()
     assert loaded(settings, fake).status is Status.CREATED
+
+
+def test_restore_of_an_id_runc_already_has_cleans_only_what_this_create_made(settings, fake, tmp_path, checkpoint):
+    """runc refused the restore because another container holds the id (a create that did not wait for
+    createlock: a plain one, runc called directly): its runc state, cgroup and pid file are not this
+    create's to clean up.  This create's own state dir goes, and runc gets the call to fail as it does."""
+    fake.restore_code = 1
+    fake.restore_error = f"{restore.ID_TAKEN}"
+    ct = new(settings, fake, tmp_path)
+    Path(ct.st.pid_file).write_text("4242")  # the other container's (one bundle, a client's retry)
+    with pytest.raises(Passthrough) as e:
+        ct.create(["create", CTR])
+    assert e.value.argv == ["create", CTR]
+    assert fake.verbs() == ["restore", "passthrough"], "no runc delete --force of the other container's id"
+    assert Path(ct.st.pid_file).read_text() == "4242"
+    assert not ct.sd.path.exists(), "this create's state would make the other container look opted in"
+    assert checkpoint.failures() == 0, "not the checkpoint's fault"
 
 
 def test_repeated_failures_quarantine_the_checkpoint(settings, fake, tmp_path, checkpoint):
