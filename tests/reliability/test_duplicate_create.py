@@ -89,13 +89,13 @@ def _assert_intact(node: RNode, w: shim.Container, opted_in: bool, dumped: dict 
     assert w.state() is None and not sd.exists()
 
 
-@pytest.mark.parametrize("kind", ["restore", "cold",
-                                  pytest.param("plain", marks=pytest.mark.xfail(reason=RUNC_OWN_RACE, strict=False))])
+@pytest.mark.parametrize("kind", ["restore", "cold"])
 def test_two_creates_of_one_id_at_once(node: RNode, kind: str):
     """restore: both opted in, a checkpoint present; cold: both opted in, none yet (warmstart execs
-    `runc create`, which must hold the lock); plain: neither opted in."""
+    `runc create`, which must hold the lock).  Two plain creates are not tested here: they race in
+    runc itself (RUNC_OWN_RACE, docs/reliability.md's known gaps), which no assertion could pin."""
     dumped = make_checkpoint(node, "dup") if kind == "restore" else None
-    annotations = {"restore": ann("dup", "restore-only"), "cold": ann("nodup", "restore-only"), "plain": {}}[kind]
+    annotations = {"restore": ann("dup", "restore-only"), "cold": ann("nodup", "restore-only")}[kind]
     before = node.snapshot()
     for r in range(ROUNDS):
         a, b = _pair(node, r, annotations)
@@ -110,9 +110,9 @@ def test_two_creates_of_one_id_at_once(node: RNode, kind: str):
         err = out[lost.bundle.name] or ""
         assert "container with given ID already exists" in err, f"round {r}: the loser failed otherwise: {err}"
         assert not any(m.startswith("cleanup:") for m in msgs), f"round {r}: a loser cleaned up: {msgs}"
-        _assert_intact(node, w, kind != "plain", dumped)
-        if kind != "plain":  # the loser went by warmstart's check, made nothing, and left the call to runc
-            assert sum(m.startswith("runc already has a container") for m in msgs) == 1, msgs
+        _assert_intact(node, w, True, dumped)
+        # the loser went by warmstart's check, made nothing, and left the call to runc
+        assert sum(m.startswith("runc already has a container") for m in msgs) == 1, msgs
         if kind == "restore":
             assert sum(m.startswith("restored from dup") for m in msgs) == 1, msgs
         node.containers.remove(lost)  # it never existed: the fixture must not delete the id twice
