@@ -33,6 +33,7 @@ from typing import Any, Iterator
 
 from .ids import validate_id
 from .config import Settings
+from .phases import Phases
 from .trust import K8S_NAMESPACE_RE, LOCAL_SCOPE
 from .dynamo_protocol import marker_body
 from .fileutil import fsync_path, manifest_digest, manifest_entry, sha256_file, write_json_atomic  # noqa: F401
@@ -301,9 +302,11 @@ class Store:
         """A node-local file for data derived from a verified checkpoint (keyed by its metadata hash)."""
         return self.seal_dir / f"{ckpt.id}.{name}.json"
 
-    def adopt(self, cid: str, tmp: Path) -> Path:
+    def adopt(self, cid: str, tmp: Path, phases: Phases | None = None) -> Path:
         """Move a checkpoint that came from elsewhere (a registry) into place, after a full check in tmp."""
-        verify_dir(tmp, cid, self.policy, self.scope)
+        phase = phases or Phases()
+        with phase("verify"):
+            verify_dir(tmp, cid, self.policy, self.scope)
         final = self.path(cid)
         with self.lock(cid) as held:
             if not held:
@@ -314,7 +317,8 @@ class Store:
                 self._discard(final)
             os.rename(tmp, final)
             fsync_path(self.root, directory=True)
-        self.open_verified(cid, full=True)  # seals it under its final path
+        with phase("seal"):
+            self.open_verified(cid, full=True)  # seals it under its final path
         return final
 
     # -- quarantine -----------------------------------------------------------

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from . import oci
 from .config import RegistrySettings, Settings
+from .phases import Phases
 from .store import Store
 
 SKOPEO = "skopeo"
@@ -169,29 +170,33 @@ def push(settings: Settings, scope: str, cid: str, ref: str, remote: Remote, pro
 
 
 def pull(settings: Settings, scope: str, ref: str, remote: Remote, expect_id: str | None = None,
-         progress: bool = False, timeout_s: float | None = None) -> str:
+         progress: bool = False, timeout_s: float | None = None, phases: Phases | None = None) -> str:
     """Fetch, check, unpack, verify and adopt the checkpoint of image `ref`; returns its id.
 
     The manifest is checked (size budget, id, namespace) before a byte is downloaded, and the copy is
     pinned to its digest; import_layout checks the downloaded copy again and bounds the unpacking; the
     store's full verification (signature included) runs before the rename into place.  On any error
-    nothing is left in the store.
+    nothing is left in the store.  `phases` times the steps (check, download, unpack, verify, seal).
     """
     check_ref(ref)
+    phase = phases or Phases()
     store = Store(settings, scope)
     with store.lock("pull", exclusive=False, blocking=True):
         work = store.new_tmp("pull")
         layout, unpacked = work / "layout", work / "checkpoint"
         unpacked.mkdir(mode=0o700)
         try:
-            pinned, max_file = check_remote(ref, remote, oci.budget(work, settings.max_pull_bytes), expect_id, scope,
-                                            timeout_s=min(timeout_s or 60, 60))
-            skopeo_copy(f"docker://{pinned}", f"oci:{layout}:checkpoint", remote.flags("src"), max_file,
-                        echo=progress, timeout_s=timeout_s)
-            cid = oci.import_layout(layout, unpacked, settings.max_pull_bytes, expect_id, scope,
-                                    printer("pull") if progress else None)
-            shutil.rmtree(layout)  # what is left of the download: no need to hold the bytes twice
-            store.adopt(cid, unpacked)
+            with phase("check"):
+                pinned, max_file = check_remote(ref, remote, oci.budget(work, settings.max_pull_bytes), expect_id,
+                                                scope, timeout_s=min(timeout_s or 60, 60))
+            with phase("download"):
+                skopeo_copy(f"docker://{pinned}", f"oci:{layout}:checkpoint", remote.flags("src"), max_file,
+                            echo=progress, timeout_s=timeout_s)
+            with phase("unpack"):
+                cid = oci.import_layout(layout, unpacked, settings.max_pull_bytes, expect_id, scope,
+                                        printer("pull") if progress else None)
+                shutil.rmtree(layout)  # what is left of the download: no need to hold the bytes twice
+            store.adopt(cid, unpacked, phase)
         except (OSError, oci.OciError) as e:
             shutil.rmtree(work, ignore_errors=True)  # first, so that the free space below is what is left
             free = shutil.disk_usage(store.root).free
