@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,32 @@ def manifest_entry(path: Path, size: int) -> dict[str, Any]:
     return {"sha256": sha256_file(path), "size": size}
 
 
-def manifest_digest(path: Path, entry: dict[str, Any]) -> str:
-    """The digest of `path` computed as the manifest entry says it was (plain SHA-256 by default)."""
+PLAIN_SCHEME = "sha256"  # a manifest entry without "hash"
+
+
+def stat_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What a seal records of a file: size, mtime, inode and ctime (no user-space call sets ctime back, so any
+    write after the record shows)."""
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
+@dataclass(frozen=True)
+class KnownDigest:
+    """A file's manifest digest computed from the very bytes written to it (a pull hashes each chunk as it
+    unpacks it), and the file's stat identity after the last write: it stands for re-reading the file only
+    while that identity holds, and only for the scheme it was computed in."""
+
+    scheme: str
+    sha256: str
+    identity: tuple[int, int, int, int]
+
+
+def manifest_digest(path: Path, entry: dict[str, Any], known: KnownDigest | None = None) -> str:
+    """The digest of `path` computed as the manifest entry says it was (plain SHA-256 by default); `known`
+    instead of a re-read when it was computed in that scheme and the file is untouched since."""
+    if known is not None and known.scheme == entry.get("hash", PLAIN_SCHEME) \
+            and known.identity == stat_identity(os.lstat(path)):
+        return known.sha256
     if entry.get("hash") == TREE_SCHEME:
         return sha256_tree(path, int(entry["size"]))
     return sha256_file(path)

@@ -14,8 +14,10 @@ A pulled image is untrusted: its manifest's blob and chunk sizes are held to a b
 chunk table must tile each file exactly before anything is downloaded; the files layer is read
 through one bounded stream (_unpack): the checkpoint's own manifest comes first and every later
 entry must be a plain, non-sparse file it names, of exactly its size; each chunk is decompressed to
-exactly its size while its digest is computed on the same pass (_assemble); then the store runs its
-full verification (signature included) before the checkpoint is adopted.
+exactly its size while its digest is computed on the same pass, several chunks at a time (_assemble),
+and the same pass computes the file's manifest digest from the bytes it writes (KnownDigest); then the
+store runs its full verification (signature included; a known digest stands for re-reading a file only
+while the file is untouched since it was written) before the checkpoint is adopted.
 """
 from __future__ import annotations
 
@@ -26,14 +28,18 @@ import json
 import os
 import re
 import tarfile
+import threading
 import time
 import zlib
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
+from . import fileutil
+from .fileutil import KnownDigest, stat_identity
 from .ids import validate_id
 from .store import CONTROL_FILES, MARKER, MAX_METADATA, METADATA
 
@@ -58,6 +64,9 @@ MAX_CHUNK = 1 << 30  # the most bytes one chunk may decompress to (config chunk_
 CONTROL_LIMITS = {METADATA: MAX_METADATA, MARKER: 64 << 10}
 HEADER_ROOM = 64 << 10  # tar bytes allowed between two entries' data: padding, header, pax/long-name records
 READ_BUF = 1 << 20
+# Chunks unpacked side by side (zstd, hashlib and pwrite release the GIL); each streams READ_BUF at a time,
+# so memory stays a few MiB per worker whatever the chunk size.
+UNPACK_WORKERS = min(4, os.cpu_count() or 1)
 MAX_MTIME = 1 << 34  # year 2514; past it (or NaN, inf, 1e300) os.utime fails
 _DECIMAL = re.compile(r"0|[1-9][0-9]{0,18}")
 Progress = Callable[[str, int, int], None]  # (what, bytes done, bytes in all)
@@ -304,13 +313,15 @@ def check_manifest(manifest: Any, limit: int, expect_id: str | None, expect_scop
 
 
 def import_layout(layout: Path, dest: Path, max_bytes: int, expect_id: str | None = None,
-                  expect_scope: str | None = None, progress: Progress | None = None) -> str:
+                  expect_scope: str | None = None, progress: Progress | None = None,
+                  known: dict[str, KnownDigest] | None = None) -> str:
     """Unpack the checkpoint image in `layout` into the empty dir `dest`; returns the checkpoint id.
 
     The blobs already in `layout` and the files written to `dest` together stay within `max_bytes`
     and the free space of dest's filesystem; `expect_id` (pull --id) must be the image's annotated id.
     Each chunk blob is deleted once its last use is written, so the pull holds little more than the
-    download at any time.
+    download at any time.  `known` receives the chunked files' digests, computed as they were written,
+    for the store's verification (Store.adopt).
     """
     try:
         index = json.loads((layout / "index.json").read_text())
@@ -321,13 +332,15 @@ def import_layout(layout: Path, dest: Path, max_bytes: int, expect_id: str | Non
     layer = image.files_layer
     blob = _read_blob(layout, layer, max_bytes)
     try:
-        _unpack(blob, LAYER_TYPES[layer["mediaType"]], dest, budget(dest, max_bytes - image.blob_bytes),
-                image.chunked)
-        _assemble(layout, dest, image.chunks, progress)
+        entries = _unpack(blob, LAYER_TYPES[layer["mediaType"]], dest, budget(dest, max_bytes - image.blob_bytes),
+                          image.chunked)
+        digests = _assemble(layout, dest, image.chunks, entries, progress)
     except (tarfile.TarError, EOFError, zlib.error, OSError, ValueError, OverflowError) as e:
         raise OciError(f"cannot unpack the layer: {type(e).__name__}: {e}") from None
     except _zstd().ZstdError as e:
         raise OciError(f"cannot decompress the layer: {e}") from None
+    if known is not None:
+        known.update(digests)
     return image.cid
 
 
@@ -343,41 +356,130 @@ class _HashingReader:
         return data
 
 
-def _assemble(layout: Path, dest: Path, chunks: tuple[Chunk, ...], progress: Progress | None) -> None:
-    """Write each chunked file from its chunks, in order: every chunk decompressed to exactly its size and
-    its blob's digest checked on the same pass; a blob is removed once its last chunk is written."""
+class _Stopped(OciError):
+    """Another chunk failed: this one stops where it is."""
+
+
+def _pieces(entry: dict[str, Any], size: int, c: Chunk) -> dict[int, Any]:
+    """The pieces of the file's manifest digest that lie wholly inside chunk `c`, each with a fresh hasher:
+    TREE_SCHEME's 64 MiB pieces, or the whole file for a plain SHA-256 (no hasher when neither fits)."""
+    scheme = entry.get("hash", fileutil.PLAIN_SCHEME)
+    if scheme not in (fileutil.PLAIN_SCHEME, fileutil.TREE_SCHEME) or entry.get("size") != size:
+        return {}
+    piece = fileutil.TREE_PIECE if scheme == fileutil.TREE_SCHEME else size
+    end, out = c.offset + c.size, {}
+    k = -(-c.offset // piece)
+    while k * piece < size and min((k + 1) * piece, size) <= end:
+        out[k] = hashlib.sha256()
+        k += 1
+    return out
+
+
+def _unpack_chunk(layout: Path, fd: int, c: Chunk, piece: int, pieces: dict[int, Any],
+                  stop: threading.Event) -> None:
+    """Decompress chunk `c` to exactly its size into `fd` at its offset, checking its blob's digest on the same
+    pass and feeding the bytes to the file-digest `pieces` (of `piece` bytes each) that it holds whole."""
+    blob = _blob_path(layout, c.digest, c.blob_size)
+    with open(blob, "rb") as raw:
+        hashing = _HashingReader(raw)
+        src = _zstd().ZstdDecompressor().stream_reader(hashing, read_size=READ_BUF) \
+            if c.compression == "zstd" else hashing
+        pos, end = c.offset, c.offset + c.size
+        while pos < end:
+            if stop.is_set():
+                raise _Stopped
+            data = memoryview(src.read(min(end - pos, READ_BUF)))
+            if not data:
+                raise OciError(f"chunk {c.digest} of {c.file!r}: the data ends {end - pos} bytes short")
+            k, at = pos // piece, 0
+            while at < len(data):
+                cut = min(len(data), (k + 1) * piece - pos)
+                if k in pieces:
+                    pieces[k].update(data[at:cut])
+                at, k = cut, k + 1
+            at = 0
+            while at < len(data):
+                at += os.pwrite(fd, data[at:], pos + at)
+            pos += len(data)
+        if src.read(1):
+            raise OciError(f"chunk {c.digest} of {c.file!r}: more than the {c.size} bytes it declares")
+        while hashing.read(READ_BUF):
+            pass
+    if hashing.h.hexdigest() != _hex(c.digest):
+        raise OciError(f"chunk {c.digest} of {c.file!r} does not match its digest (tampered?)")
+
+
+def _one_chunk(layout: Path, fd: int, c: Chunk, piece: int, pieces: dict[int, Any], stop: threading.Event) -> None:
+    """One worker's job: nothing once another chunk failed, and a failure here stops the others at once
+    (before this worker takes the next queued chunk)."""
+    if stop.is_set():
+        raise _Stopped
+    try:
+        _unpack_chunk(layout, fd, c, piece, pieces, stop)
+    except BaseException:
+        stop.set()
+        raise
+
+
+def _assemble(layout: Path, dest: Path, chunks: tuple[Chunk, ...], entries: dict[str, dict[str, Any]],
+              progress: Progress | None) -> dict[str, KnownDigest]:
+    """Write each chunked file from its chunks, UNPACK_WORKERS chunks at a time: every chunk decompressed to
+    exactly its size and its blob's digest checked on the same pass; a blob is removed once its last chunk
+    is written.  Returns the files' manifest digests computed from the bytes written (where a file's
+    digest pieces each lie within one chunk).  On any failure the other chunks stop and every file this
+    wrote is removed."""
     uses = Counter(c.digest for c in chunks)
-    total, done = sum(c.size for c in chunks), 0
-    for name in sorted({c.file for c in chunks}):
-        fd = os.open(dest / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            os.fchmod(fd, 0o600)
-            for c in sorted((c for c in chunks if c.file == name), key=lambda c: c.offset):
-                blob = _blob_path(layout, c.digest, c.blob_size)
-                with open(blob, "rb") as raw:
-                    hashing = _HashingReader(raw)
-                    src = _zstd().ZstdDecompressor().stream_reader(hashing, read_size=READ_BUF) \
-                        if c.compression == "zstd" else hashing
-                    left = c.size
-                    while left:
-                        data = src.read(min(left, READ_BUF))
-                        if not data:
-                            raise OciError(f"chunk {c.digest} of {name!r}: the data ends {left} bytes short")
-                        out.write(data)
-                        left -= len(data)
-                    if src.read(1):
-                        raise OciError(f"chunk {c.digest} of {name!r}: more than the {c.size} bytes it declares")
-                    while hashing.read(READ_BUF):
-                        pass
-                if hashing.h.hexdigest() != _hex(c.digest):
-                    raise OciError(f"chunk {c.digest} of {name!r} does not match its digest (tampered?)")
-                uses[c.digest] -= 1
-                if not uses[c.digest]:
-                    blob.unlink()
-                done += c.size
-                if progress:
-                    progress("unpacked", done, total)
-            out.flush()
+    sizes = {name: sum(c.size for c in chunks if c.file == name) for name in sorted({c.file for c in chunks})}
+    total, done = sum(sizes.values()), 0
+    fds: dict[str, int] = {}
+    stop = threading.Event()
+    pieces: dict[str, dict[int, Any]] = {name: {} for name in sizes}
+    try:
+        for name in sizes:
+            fds[name] = os.open(dest / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                0o600)
+            os.fchmod(fds[name], 0o600)  # whatever the umask
+        with ThreadPoolExecutor(max_workers=UNPACK_WORKERS, thread_name_prefix="unpack") as pool:
+            jobs = {}
+            for c in sorted(chunks, key=lambda c: (c.file, c.offset)):
+                entry = entries.get(c.file, {})
+                mine = _pieces(entry, sizes[c.file], c)
+                pieces[c.file].update(mine)
+                piece = fileutil.TREE_PIECE if entry.get("hash") == fileutil.TREE_SCHEME else sizes[c.file]
+                jobs[pool.submit(_one_chunk, layout, fds[c.file], c, piece, mine, stop)] = c
+            try:
+                for job in as_completed(jobs):  # the first failure as soon as it happens
+                    job.result()
+                    c = jobs[job]
+                    uses[c.digest] -= 1
+                    if not uses[c.digest]:
+                        _blob_path(layout, c.digest, c.blob_size).unlink()
+                    done += c.size
+                    if progress:
+                        progress("unpacked", done, total)
+            except BaseException as e:
+                stop.set()  # the running chunks stop at their next read; the queued ones never start
+                for job in jobs:
+                    job.cancel()
+                wait(jobs)
+                failed = [j.exception() for j in jobs if not j.cancelled() and j.exception() is not None]
+                raise next((f for f in failed if not isinstance(f, _Stopped)), e) from None  # the cause
+        known = {}
+        for name, size in sizes.items():
+            got, scheme = pieces[name], entries.get(name, {}).get("hash", fileutil.PLAIN_SCHEME)
+            tree = scheme == fileutil.TREE_SCHEME
+            if len(got) == (-(-size // fileutil.TREE_PIECE) if tree else 1):  # each piece whole in one chunk
+                sha = hashlib.sha256(b"".join(got[k].digest() for k in range(len(got)))).hexdigest() if tree \
+                    else got[0].hexdigest()
+                known[name] = KnownDigest(scheme, sha, stat_identity(os.fstat(fds[name])))
+        return known
+    except BaseException:
+        for name in fds:  # the pool has stopped: nothing writes to these any more
+            (dest / name).unlink(missing_ok=True)
+        raise
+    finally:
+        for fd in fds.values():
+            os.close(fd)
 
 
 class _Capped:
@@ -414,8 +516,9 @@ def _check_member(m: tarfile.TarInfo, least: int, most: int) -> None:
         raise OciError(f"{what}: mtime {m.mtime!r} out of range")
 
 
-def _manifest_sizes(raw: bytes) -> dict[str, int]:
-    """File name -> size from a pulled metadata.json (schema-checked, so names are plain file names)."""
+def _manifest_entries(raw: bytes) -> dict[str, dict[str, Any]]:
+    """File name -> manifest entry (size, digest, scheme) from a pulled metadata.json (schema-checked, so names
+    are plain file names; its signature is the store's to check)."""
     from .metadata import validate  # noqa: PLC0415 - jsonschema is heavy; only a pull needs it here
     try:
         metadata = json.loads(raw)
@@ -425,7 +528,7 @@ def _manifest_sizes(raw: bytes) -> dict[str, int]:
     manifest = metadata["manifest"]
     if set(manifest) & CONTROL_FILES:
         raise OciError(f"{METADATA}: the manifest lists {sorted(set(manifest) & CONTROL_FILES)}")
-    return {name: entry["size"] for name, entry in manifest.items()}
+    return dict(manifest)
 
 
 def _write(path: Path, src: BinaryIO, m: tarfile.TarInfo) -> None:
@@ -444,10 +547,11 @@ def _write(path: Path, src: BinaryIO, m: tarfile.TarInfo) -> None:
         os.utime(fd, (m.mtime, m.mtime))
 
 
-def _unpack(blob: Path, compression: str | None, dest: Path, limit: int, chunked: dict[str, int]) -> None:
+def _unpack(blob: Path, compression: str | None, dest: Path, limit: int,
+            chunked: dict[str, int]) -> dict[str, dict[str, Any]]:
     """Unpack the files layer: metadata.json and checkpoint.done first, then only the files their manifest
     names (but not those that come in chunks), each of exactly its manifest size; all the checkpoint's
-    files, chunked ones included, together at most `limit` bytes."""
+    files, chunked ones included, together at most `limit` bytes.  Returns the (pulled) manifest's entries."""
     with open(blob, "rb") as raw, _decompressed(raw, compression) as plain:
         stream = _Capped(plain, HEADER_ROOM)  # type: ignore[arg-type]
         with tarfile.open(fileobj=stream, mode="r|", bufsize=READ_BUF) as tar:  # type: ignore[call-overload]
@@ -462,7 +566,8 @@ def _unpack(blob: Path, compression: str | None, dest: Path, limit: int, chunked
                 _check_member(m, 0, CONTROL_LIMITS[m.name])
                 stream.limit = m.offset_data + m.size + HEADER_ROOM
                 control[m.name] = m, tar.extractfile(m).read(m.size)  # type: ignore[union-attr]
-            sizes = _manifest_sizes(control[METADATA][1])
+            entries = _manifest_entries(control[METADATA][1])
+            sizes = {name: entry["size"] for name, entry in entries.items()}
             for name, size in chunked.items():
                 if sizes.get(name) != size:
                     raise OciError(f"chunk layers of {name[:80]!r}: {size} bytes in all, "
@@ -482,6 +587,7 @@ def _unpack(blob: Path, compression: str | None, dest: Path, limit: int, chunked
                 _check_member(m, size, size)
                 stream.limit = m.offset_data + size + HEADER_ROOM
                 _write(dest / m.name, tar.extractfile(m), m)  # type: ignore[arg-type]
+    return entries
 
 
 def _decompressed(raw: BinaryIO, compression: str | None) -> Any:

@@ -36,7 +36,8 @@ from .config import Settings
 from .phases import Phases
 from .trust import K8S_NAMESPACE_RE, LOCAL_SCOPE
 from .dynamo_protocol import marker_body
-from .fileutil import fsync_path, manifest_digest, manifest_entry, sha256_file, write_json_atomic  # noqa: F401
+from .fileutil import KnownDigest, fsync_path, manifest_digest, manifest_entry, sha256_file, stat_identity, \
+    write_json_atomic  # noqa: F401
 from .signing import SignatureError, TrustPolicy, sign
 
 MARKER = "checkpoint.done"
@@ -235,11 +236,7 @@ class Store:
 
     # -- seal -----------------------------------------------------------------
     def _stat_record(self, path: Path) -> dict[str, list[int]]:
-        out = {}
-        for entry in path.iterdir():
-            st = entry.lstat()
-            out[entry.name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-        return out
+        return {entry.name: list(stat_identity(entry.lstat())) for entry in path.iterdir()}
 
     def seal(self, cid: str, path: Path, metadata: dict[str, Any], signer: str = "") -> None:
         """Record what the files looked like right after a full hash and signature check.
@@ -302,11 +299,19 @@ class Store:
         """A node-local file for data derived from a verified checkpoint (keyed by its metadata hash)."""
         return self.seal_dir / f"{ckpt.id}.{name}.json"
 
-    def adopt(self, cid: str, tmp: Path, phases: Phases | None = None) -> Path:
-        """Move a checkpoint that came from elsewhere (a registry) into place, after a full check in tmp."""
+    def adopt(self, cid: str, tmp: Path, phases: Phases | None = None,
+              known: dict[str, KnownDigest] | None = None) -> Path:
+        """Move a checkpoint that came from elsewhere (a registry) into place, after a full check in tmp.
+
+        The files are hashed once, here in tmp (`known`: digests the pull computed from the bytes it wrote,
+        each valid only while its file's stat identity holds); the seal is then written under the final
+        path from the same check, unless a file's stat changed since just before it (then all is checked
+        again there).
+        """
         phase = phases or Phases()
         with phase("verify"):
-            verify_dir(tmp, cid, self.policy, self.scope)
+            before = self._stat_record(tmp)
+            metadata, signer = verify_dir(tmp, cid, self.policy, self.scope, known)
         final = self.path(cid)
         with self.lock(cid) as held:
             if not held:
@@ -318,7 +323,12 @@ class Store:
             os.rename(tmp, final)
             fsync_path(self.root, directory=True)
         with phase("seal"):
-            self.open_verified(cid, full=True)  # seals it under its final path
+            _check_owned_dir(self.settings.store, "store root")
+            _check_owned_dir(self.root, f"store of {self.scope}")
+            if self._stat_record(final) == before:
+                self.seal(cid, final, metadata, signer)
+            else:
+                self.open_verified(cid, full=True)  # touched while checked: check again, and seal that
         return final
 
     # -- quarantine -----------------------------------------------------------
@@ -524,8 +534,10 @@ def _marker(path: Path) -> dict[str, Any]:
     return body
 
 
-def verify_dir(path: Path, cid: str, policy: TrustPolicy, scope: str) -> tuple[dict[str, Any], str]:
-    """The full check of one checkpoint dir: ownership, marker, schema, signature, scope, every file's hash.
+def verify_dir(path: Path, cid: str, policy: TrustPolicy, scope: str,
+               known: dict[str, KnownDigest] | None = None) -> tuple[dict[str, Any], str]:
+    """The full check of one checkpoint dir: ownership, marker, schema, signature, scope, every file's hash
+    (a `known` digest stands for a file's re-read: fileutil.manifest_digest says when).
 
     Returns the metadata and who signed it.
     """
@@ -554,7 +566,7 @@ def verify_dir(path: Path, cid: str, policy: TrustPolicy, scope: str) -> tuple[d
                               f"found in the store of {scope!r}")
     _check_entries(path, metadata)
     for name, want in metadata["manifest"].items():
-        got = manifest_digest(path / name, want)
+        got = manifest_digest(path / name, want, (known or {}).get(name))
         if got != want["sha256"]:
             raise CheckpointError(f"{name}: SHA-256 mismatch (manifest {want['sha256'][:12]}…, file {got[:12]}…)")
     return metadata, signer

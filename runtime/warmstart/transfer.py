@@ -22,6 +22,7 @@ from pathlib import Path
 
 from . import oci
 from .config import RegistrySettings, Settings
+from .fileutil import KnownDigest
 from .phases import Phases
 from .store import Store
 
@@ -192,11 +193,12 @@ def pull(settings: Settings, scope: str, ref: str, remote: Remote, expect_id: st
             with phase("download"):
                 skopeo_copy(f"docker://{pinned}", f"oci:{layout}:checkpoint", remote.flags("src"), max_file,
                             echo=progress, timeout_s=timeout_s)
+            known: dict[str, KnownDigest] = {}  # the files' digests, computed as they are unpacked
             with phase("unpack"):
                 cid = oci.import_layout(layout, unpacked, settings.max_pull_bytes, expect_id, scope,
-                                        printer("pull") if progress else None)
+                                        printer("pull") if progress else None, known)
                 shutil.rmtree(layout)  # what is left of the download: no need to hold the bytes twice
-            store.adopt(cid, unpacked, phase)
+            store.adopt(cid, unpacked, phase, known)
         except (OSError, oci.OciError) as e:
             shutil.rmtree(work, ignore_errors=True)  # first, so that the free space below is what is left
             free = shutil.disk_usage(store.root).free

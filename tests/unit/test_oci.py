@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import pytest
-from test_store import CID, meta, publish, store  # noqa: F401 - store is a fixture
+from test_store import CID, meta, publish, small_tree, store  # noqa: F401 - store, small_tree are fixtures
 
 import zstandard
 
 from warmstart import config, oci, signing
-from warmstart.store import MARKER, METADATA, sha256_file
+from warmstart.store import MARKER, METADATA, CheckpointError, sha256_file
 
 BIG = 64 << 20  # what a hostile entry expands to; its layer is a few KiB
 CAP = 1 << 40
@@ -329,3 +329,98 @@ def test_namespace_must_match_the_annotation(store, tmp_path, dest):
     with pytest.raises(oci.OciError, match="namespace '_local', not 'tenant-a'"):
         oci.import_layout(chunked(store, tmp_path), dest, CAP, CID, "tenant-a")
     assert written(dest) == 0
+
+
+# -- the parallel unpack: chunks side by side, file digests computed on the way -------------------------
+
+SIX = os.urandom(6 * CHUNK)  # six distinct chunks: more than the workers, so some wait in the queue
+
+
+def six_chunks(store, tmp_path, compress: str = "zstd") -> Path:
+    ck = publish(store, files={**BIG_FILES, "pages-1.img": SIX})
+    oci.export_layout(ck, CID, tmp_path / "layout", "checkpoint", oci.Packing(CHUNK, compress, 1), "_local")
+    return tmp_path / "layout"
+
+
+@pytest.mark.parametrize("which", [0, 3, 5])
+def test_tampered_chunk_fails_the_parallel_unpack_and_leaves_no_chunked_file(store, tmp_path, dest, which):
+    lay = six_chunks(store, tmp_path, "none")
+    blob = layer_blob(lay, 1 + which)
+    data = bytearray(blob.read_bytes())
+    data[CHUNK // 2] ^= 1
+    blob.write_bytes(data)
+    refused(lay, dest, "pages-1.img.*does not match its digest")
+    assert not (dest / "pages-1.img").exists()
+
+
+def test_one_failing_chunk_stops_the_others_and_removes_their_output(store, tmp_path, dest, monkeypatch):
+    """The first chunk fails while the second runs: the second stops at its next read, the four queued ones
+    never start, and the file they were writing is gone."""
+    import threading
+    lay = six_chunks(store, tmp_path)
+    started, real = [], oci._unpack_chunk
+    second_running = threading.Event()
+
+    def flaky(layout, fd, c, piece, pieces, stop):
+        started.append(c.offset)
+        if c.offset == 0:
+            assert second_running.wait(10)
+            raise oci.OciError("chunk 0 failed on purpose")
+        second_running.set()
+        assert stop.wait(10)  # still running when the first one fails
+        return real(layout, fd, c, piece, pieces, stop)
+
+    monkeypatch.setattr(oci, "_unpack_chunk", flaky)
+    monkeypatch.setattr(oci, "UNPACK_WORKERS", 2)
+    with pytest.raises(oci.OciError) as e:
+        oci.import_layout(lay, dest, CAP)
+    assert "chunk 0 failed on purpose" in str(e.value)
+    assert sorted(started) == [0, CHUNK]
+    assert not (dest / "pages-1.img").exists()
+
+
+def test_file_digests_come_from_the_unpack_and_bind_the_written_bytes(store, tmp_path, dest, small_tree):
+    """Tree pieces (4 KiB here) that lie inside 1 MiB chunks are hashed as the chunks are written: the pull
+    hands Store.adopt the manifest's own digest, and adopt reads no page file again; a file changed after
+    it was written (same size) is re-read and refused."""
+    lay = six_chunks(store, tmp_path)
+    want = json.loads((store.path(CID) / METADATA).read_text())["manifest"]["pages-1.img"]
+    assert want["hash"] == "sha256-tree-64MiB"
+    known: dict = {}
+    oci.import_layout(lay, dest, CAP, CID, "_local", known=known)
+    assert set(known) == {"pages-1.img"} and known["pages-1.img"].sha256 == want["sha256"]
+    store.remove(CID)
+    reads = []
+    monkeypatch_read = pytest.MonkeyPatch()
+    for fn in ("sha256_tree", "sha256_file"):
+        real = getattr(small_tree, fn)
+        monkeypatch_read.setattr(small_tree, fn, lambda p, *a, _r=real, **k: reads.append(p.name) or _r(p, *a, **k))
+    try:
+        store.adopt(CID, dest, known=known)
+    finally:
+        monkeypatch_read.undo()
+    assert "pages-1.img" not in reads
+    assert store.open_verified(CID).verified_by == "seal"  # adopt sealed it from its one check
+
+    store.remove(CID)
+    dest2 = tmp_path / "again"
+    dest2.mkdir(mode=0o700)
+    known = {}
+    oci.import_layout(six_chunks(store, tmp_path / "b"), dest2, CAP, known=known)
+    with open(dest2 / "pages-1.img", "r+b") as f:
+        f.seek(CHUNK + 5)
+        f.write(bytes([SIX[CHUNK + 5] ^ 1]))
+    store.remove(CID)
+    with pytest.raises(CheckpointError, match="pages-1.img: SHA-256 mismatch"):
+        store.adopt(CID, dest2, known=known)
+
+
+@pytest.mark.parametrize("piece", [3 << 19, 2 << 20], ids=["straddles-chunks", "two-chunks"])
+def test_no_known_digest_when_a_piece_spans_chunks(store, tmp_path, dest, small_tree, monkeypatch, piece):
+    """A digest piece that no single chunk holds cannot be hashed on the way: the file is left to a re-read."""
+    monkeypatch.setattr(small_tree, "TREE_PIECE", piece)
+    known: dict = {}
+    oci.import_layout(six_chunks(store, tmp_path), dest, CAP, known=known)
+    assert known == {}
+    store.remove(CID)
+    store.adopt(CID, dest, known=known)
