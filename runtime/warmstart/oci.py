@@ -70,6 +70,7 @@ UNPACK_WORKERS = min(4, os.cpu_count() or 1)
 MAX_MTIME = 1 << 34  # year 2514; past it (or NaN, inf, 1e300) os.utime fails
 _DECIMAL = re.compile(r"0|[1-9][0-9]{0,18}")
 Progress = Callable[[str, int, int], None]  # (what, bytes done, bytes in all)
+BlobWait = Callable[[str, threading.Event], None]  # (digest, stop): returns once the blob is in the layout
 
 
 class OciError(Exception):
@@ -319,9 +320,7 @@ def import_layout(layout: Path, dest: Path, max_bytes: int, expect_id: str | Non
 
     The blobs already in `layout` and the files written to `dest` together stay within `max_bytes`
     and the free space of dest's filesystem; `expect_id` (pull --id) must be the image's annotated id.
-    Each chunk blob is deleted once its last use is written, so the pull holds little more than the
-    download at any time.  `known` receives the chunked files' digests, computed as they were written,
-    for the store's verification (Store.adopt).
+    `known` as for unpack_image.
     """
     try:
         index = json.loads((layout / "index.json").read_text())
@@ -329,19 +328,48 @@ def import_layout(layout: Path, dest: Path, max_bytes: int, expect_id: str | Non
     except (AttributeError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
         raise OciError(f"not a warmstart checkpoint image: {type(e).__name__}: {e}") from None
     image = check_manifest(manifest, max_bytes, expect_id, expect_scope)
+    unpack_image(image, layout, dest, max_bytes, progress, known)
+    return image.cid
+
+
+def unpack_image(image: Image, layout: Path, dest: Path, max_bytes: int, progress: Progress | None = None,
+                 known: dict[str, KnownDigest] | None = None, arrival: BlobWait | None = None) -> None:
+    """Unpack checked `image`, whose blobs are (or, with `arrival`, are being downloaded) in `layout`, into
+    the empty dir `dest`.
+
+    Each chunk blob is deleted once its last use is written, so the pull holds little more than the
+    download at any time.  `known` receives the chunked files' digests, computed as they were written,
+    for the store's verification (Store.adopt).  With `arrival` (a download still running) each blob is
+    waited for before it is read, and the free space is counted as if the whole download were still to
+    come.
+    """
     layer = image.files_layer
+    if arrival is not None:
+        arrival(layer["digest"], threading.Event())
     blob = _read_blob(layout, layer, max_bytes)
+    limit = budget(dest, max_bytes - image.blob_bytes) if arrival is None \
+        else budget(dest, max_bytes) - image.blob_bytes
     try:
-        entries = _unpack(blob, LAYER_TYPES[layer["mediaType"]], dest, budget(dest, max_bytes - image.blob_bytes),
-                          image.chunked)
-        digests = _assemble(layout, dest, image.chunks, entries, progress)
+        entries = _unpack(blob, LAYER_TYPES[layer["mediaType"]], dest, limit, image.chunked)
+        digests = _assemble(layout, dest, image.chunks, entries, progress, arrival)
     except (tarfile.TarError, EOFError, zlib.error, OSError, ValueError, OverflowError) as e:
         raise OciError(f"cannot unpack the layer: {type(e).__name__}: {e}") from None
     except _zstd().ZstdError as e:
         raise OciError(f"cannot decompress the layer: {e}") from None
     if known is not None:
         known.update(digests)
-    return image.cid
+
+
+def arrivals(layout: Path, over: Callable[[], bool], poll_s: float = 0.02) -> BlobWait:
+    """A BlobWait for a download into `layout` that is still running: a blob is there once its file is (the
+    downloader renames each finished blob into place; its size and digest are checked as it is read);
+    once `over()` says the download ended, a missing blob is the reader's error, not a wait."""
+    def wait(digest: str, stop: threading.Event) -> None:
+        path = layout / "blobs" / "sha256" / _hex(digest)
+        while not path.exists() and not over():
+            if stop.wait(poll_s):
+                raise _Stopped
+    return wait
 
 
 class _HashingReader:
@@ -376,9 +404,11 @@ def _pieces(entry: dict[str, Any], size: int, c: Chunk) -> dict[int, Any]:
 
 
 def _unpack_chunk(layout: Path, fd: int, c: Chunk, piece: int, pieces: dict[int, Any],
-                  stop: threading.Event) -> None:
+                  stop: threading.Event, arrival: BlobWait | None = None) -> None:
     """Decompress chunk `c` to exactly its size into `fd` at its offset, checking its blob's digest on the same
     pass and feeding the bytes to the file-digest `pieces` (of `piece` bytes each) that it holds whole."""
+    if arrival is not None:
+        arrival(c.digest, stop)
     blob = _blob_path(layout, c.digest, c.blob_size)
     with open(blob, "rb") as raw:
         hashing = _HashingReader(raw)
@@ -409,20 +439,21 @@ def _unpack_chunk(layout: Path, fd: int, c: Chunk, piece: int, pieces: dict[int,
         raise OciError(f"chunk {c.digest} of {c.file!r} does not match its digest (tampered?)")
 
 
-def _one_chunk(layout: Path, fd: int, c: Chunk, piece: int, pieces: dict[int, Any], stop: threading.Event) -> None:
+def _one_chunk(layout: Path, fd: int, c: Chunk, piece: int, pieces: dict[int, Any], stop: threading.Event,
+               arrival: BlobWait | None) -> None:
     """One worker's job: nothing once another chunk failed, and a failure here stops the others at once
     (before this worker takes the next queued chunk)."""
     if stop.is_set():
         raise _Stopped
     try:
-        _unpack_chunk(layout, fd, c, piece, pieces, stop)
+        _unpack_chunk(layout, fd, c, piece, pieces, stop, arrival)
     except BaseException:
         stop.set()
         raise
 
 
 def _assemble(layout: Path, dest: Path, chunks: tuple[Chunk, ...], entries: dict[str, dict[str, Any]],
-              progress: Progress | None) -> dict[str, KnownDigest]:
+              progress: Progress | None, arrival: BlobWait | None = None) -> dict[str, KnownDigest]:
     """Write each chunked file from its chunks, UNPACK_WORKERS chunks at a time: every chunk decompressed to
     exactly its size and its blob's digest checked on the same pass; a blob is removed once its last chunk
     is written.  Returns the files' manifest digests computed from the bytes written (where a file's
@@ -446,7 +477,7 @@ def _assemble(layout: Path, dest: Path, chunks: tuple[Chunk, ...], entries: dict
                 mine = _pieces(entry, sizes[c.file], c)
                 pieces[c.file].update(mine)
                 piece = fileutil.TREE_PIECE if entry.get("hash") == fileutil.TREE_SCHEME else sizes[c.file]
-                jobs[pool.submit(_one_chunk, layout, fds[c.file], c, piece, mine, stop)] = c
+                jobs[pool.submit(_one_chunk, layout, fds[c.file], c, piece, mine, stop, arrival)] = c
             try:
                 for job in as_completed(jobs):  # the first failure as soon as it happens
                     job.result()

@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from . import oci
 from .config import RegistrySettings, Settings
@@ -69,15 +70,19 @@ def check_ref(ref: str) -> str:
 
 
 def skopeo_copy(src: str, dst: str, extra: list[str], max_file_bytes: int | None = None,
-                echo: bool = False, timeout_s: float | None = None) -> Copied:
+                echo: bool = False, timeout_s: float | None = None,
+                on_start: Callable[[subprocess.Popen], None] | None = None) -> Copied:
     """skopeo copy, counting the blobs it sent and skipped (its per-blob lines, echoed to stderr with
     `echo`); with max_file_bytes no file it writes may grow past that (RLIMIT_FSIZE: a registry that sends
-    more than its manifest said gets EFBIG, not our disk); killed after timeout_s."""
+    more than its manifest said gets EFBIG, not our disk); killed after timeout_s.  `on_start` gets the
+    process (a caller running this in a thread may kill it)."""
     cap = None if max_file_bytes is None else (
         lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes)))
     t0 = time.monotonic()
     p = subprocess.Popen([SKOPEO, "--debug", "copy", *extra, src, dst], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          stdin=subprocess.DEVNULL, text=True, preexec_fn=cap)
+    if on_start:
+        on_start(p)
     timer = threading.Timer(timeout_s, p.kill) if timeout_s else None
     if timer:
         timer.daemon = True
@@ -104,13 +109,20 @@ def skopeo_copy(src: str, dst: str, extra: list[str], max_file_bytes: int | None
     return Copied(blobs - skipped, skipped, time.monotonic() - t0)
 
 
-def check_remote(ref: str, remote: Remote, limit: int, expect_id: str | None,
-                 expect_scope: str | None = None, timeout_s: float = 60) -> tuple[str, int]:
-    """oci.check_manifest on `ref`'s manifest in the registry, before anything is downloaded.
+@dataclass(frozen=True)
+class Checked:
+    """A registry manifest that passed oci.check_manifest: `ref` pinned to its digest (the copy fetches what
+    was checked), the most bytes one downloaded file may take (skopeo_copy's max_file_bytes), and what it
+    promises."""
 
-    Returns `ref` pinned to that manifest's digest, so that the copy fetches what was checked, and the
-    most bytes one downloaded file may take (skopeo_copy's max_file_bytes).
-    """
+    ref: str
+    max_file_bytes: int
+    image: oci.Image
+
+
+def check_remote(ref: str, remote: Remote, limit: int, expect_id: str | None,
+                 expect_scope: str | None = None, timeout_s: float = 60) -> Checked:
+    """oci.check_manifest on `ref`'s manifest in the registry, before anything is downloaded."""
     try:
         p = subprocess.run([SKOPEO, "inspect", "--raw", *remote.flags(""), f"docker://{ref}"],
                            capture_output=True, stdin=subprocess.DEVNULL, timeout=timeout_s)
@@ -130,7 +142,7 @@ def check_remote(ref: str, remote: Remote, limit: int, expect_id: str | None,
     head, slash, last = ref.split("@", 1)[0].rpartition("/")
     pinned = f"{head}{slash}{last.split(':', 1)[0]}@sha256:{hashlib.sha256(p.stdout).hexdigest()}"
     biggest = max([image.files_layer["size"], manifest["config"]["size"], *(c.blob_size for c in image.chunks)])
-    return pinned, max(biggest, oci.MAX_MANIFEST)
+    return Checked(pinned, max(biggest, oci.MAX_MANIFEST), image)
 
 
 def printer(verb: str) -> oci.Progress:
@@ -175,9 +187,10 @@ def pull(settings: Settings, scope: str, ref: str, remote: Remote, expect_id: st
     """Fetch, check, unpack, verify and adopt the checkpoint of image `ref`; returns its id.
 
     The manifest is checked (size budget, id, namespace) before a byte is downloaded, and the copy is
-    pinned to its digest; import_layout checks the downloaded copy again and bounds the unpacking; the
-    store's full verification (signature included) runs before the rename into place.  On any error
-    nothing is left in the store.  `phases` times the steps (check, download, unpack, verify, seal).
+    pinned to its digest; oci.unpack_image unpacks each blob as it arrives, checking its digest and
+    bounding the unpacking; the store's full verification (signature included) runs before the rename
+    into place.  On any error nothing is left in the store.  `phases` times the steps (check, then
+    download and unpack side by side, verify, seal).
     """
     check_ref(ref)
     phase = phases or Phases()
@@ -188,17 +201,14 @@ def pull(settings: Settings, scope: str, ref: str, remote: Remote, expect_id: st
         unpacked.mkdir(mode=0o700)
         try:
             with phase("check"):
-                pinned, max_file = check_remote(ref, remote, oci.budget(work, settings.max_pull_bytes), expect_id,
-                                                scope, timeout_s=min(timeout_s or 60, 60))
-            with phase("download"):
-                skopeo_copy(f"docker://{pinned}", f"oci:{layout}:checkpoint", remote.flags("src"), max_file,
-                            echo=progress, timeout_s=timeout_s)
+                checked = check_remote(ref, remote, oci.budget(work, settings.max_pull_bytes), expect_id, scope,
+                                       timeout_s=min(timeout_s or 60, 60))
             known: dict[str, KnownDigest] = {}  # the files' digests, computed as they are unpacked
-            with phase("unpack"):
-                cid = oci.import_layout(layout, unpacked, settings.max_pull_bytes, expect_id, scope,
-                                        printer("pull") if progress else None, known)
+            with phase("download+unpack"):
+                _fetch_and_unpack(checked, layout, unpacked, settings.max_pull_bytes, remote, progress, timeout_s,
+                                  known, phase)
                 shutil.rmtree(layout)  # what is left of the download: no need to hold the bytes twice
-            store.adopt(cid, unpacked, phase, known)
+            store.adopt(checked.image.cid, unpacked, phase, known)
         except (OSError, oci.OciError) as e:
             shutil.rmtree(work, ignore_errors=True)  # first, so that the free space below is what is left
             free = shutil.disk_usage(store.root).free
@@ -210,7 +220,59 @@ def pull(settings: Settings, scope: str, ref: str, remote: Remote, expect_id: st
                                "cache_budget_bytes, `warmstart gc --budget`)") from None
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    return cid
+    return checked.image.cid
+
+
+def _fetch_and_unpack(checked: Checked, layout: Path, dest: Path, max_bytes: int, remote: Remote, progress: bool,
+                      timeout_s: float | None, known: dict[str, KnownDigest], phase: Phases) -> None:
+    """skopeo downloads the checked image into `layout` while its blobs are unpacked into `dest` as each one
+    arrives (oci.unpack_image with oci.arrivals): the node's CPU decompresses and hashes while skopeo waits on
+    the network and on its fsyncs.  A failure on either side stops the other; skopeo's own error (a full
+    disk, a registry that went away) is the one reported when the unpack failed only for want of its blobs."""
+    procs: list[subprocess.Popen] = []
+    outcome: list[BaseException | Copied] = []
+    abandon = threading.Event()
+
+    def started(p: subprocess.Popen) -> None:
+        procs.append(p)
+        if abandon.is_set():  # the unpack failed before skopeo started
+            p.kill()
+
+    def download() -> None:
+        try:
+            outcome.append(skopeo_copy(f"docker://{checked.ref}", f"oci:{layout}:checkpoint", remote.flags("src"),
+                                       checked.max_file_bytes, echo=progress, timeout_s=timeout_s,
+                                       on_start=started))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            outcome.append(e)
+    copier = threading.Thread(target=download, name="skopeo", daemon=True)
+    t0 = time.monotonic()
+    copier.start()
+    try:
+        with phase("unpack"):
+            oci.unpack_image(checked.image, layout, dest, max_bytes, printer("pull") if progress else None, known,
+                             oci.arrivals(layout, lambda: not copier.is_alive()))
+    except BaseException:
+        skopeo_over = not copier.is_alive()
+        abandon.set()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        copier.join()
+        if skopeo_over and isinstance(outcome[0], oci.OciError):
+            raise outcome[0] from None  # skopeo failed first (its blobs never came): its message says why
+        raise
+    copier.join()
+    phase.timings["download"] = round(time.monotonic() - t0, 6)
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    try:
+        index = json.loads((layout / "index.json").read_text())
+        pinned = index["manifests"][0]["digest"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise oci.OciError(f"the downloaded image has no readable index.json: {type(e).__name__}: {e}") from None
+    if not checked.ref.endswith(f"@{pinned}"):
+        raise oci.OciError(f"skopeo stored manifest {str(pinned)[:80]}, not the one checked ({checked.ref})")
 
 
 def disk_full(e: BaseException) -> bool:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import tarfile
+import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -361,14 +362,14 @@ def test_one_failing_chunk_stops_the_others_and_removes_their_output(store, tmp_
     started, real = [], oci._unpack_chunk
     second_running = threading.Event()
 
-    def flaky(layout, fd, c, piece, pieces, stop):
+    def flaky(layout, fd, c, piece, pieces, stop, arrival):
         started.append(c.offset)
         if c.offset == 0:
             assert second_running.wait(10)
             raise oci.OciError("chunk 0 failed on purpose")
         second_running.set()
         assert stop.wait(10)  # still running when the first one fails
-        return real(layout, fd, c, piece, pieces, stop)
+        return real(layout, fd, c, piece, pieces, stop, arrival)
 
     monkeypatch.setattr(oci, "_unpack_chunk", flaky)
     monkeypatch.setattr(oci, "UNPACK_WORKERS", 2)
@@ -424,3 +425,58 @@ def test_no_known_digest_when_a_piece_spans_chunks(store, tmp_path, dest, small_
     assert known == {}
     store.remove(CID)
     store.adopt(CID, dest, known=known)
+
+
+# -- unpacking while the download runs (transfer.pull: oci.unpack_image with oci.arrivals) ----------------
+
+def held_back(lay: Path, tmp_path: Path) -> tuple[Path, list[Path]]:
+    """The layout with its chunk blobs moved aside, as a download that has not reached them yet."""
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    blobs = [layer_blob(lay, i) for i in range(1, len(image_manifest(lay)["layers"]))]
+    for b in blobs:
+        os.rename(b, aside / b.name)
+    return aside, blobs
+
+
+def test_chunks_are_unpacked_as_their_blobs_arrive(store, tmp_path, dest, small_tree):
+    """Blobs that appear one by one, the way skopeo renames each finished blob into place: each chunk waits
+    for its own, and the result is the same checkpoint, adopted."""
+    import threading
+    lay = six_chunks(store, tmp_path)
+    image = oci.check_manifest(image_manifest(lay), CAP, CID)
+    aside, blobs = held_back(lay, tmp_path)
+    done = threading.Event()
+
+    def arrive() -> None:
+        for b in reversed(blobs):  # the last chunk first: the unpack must wait, not fail
+            time.sleep(0.05)
+            os.rename(aside / b.name, b)
+        done.set()
+    t = threading.Thread(target=arrive)
+    t.start()
+    known: dict = {}
+    oci.unpack_image(image, lay, dest, CAP, known=known, arrival=oci.arrivals(lay, done.is_set))
+    t.join()
+    assert (dest / "pages-1.img").read_bytes() == SIX and set(known) == {"pages-1.img"}
+    store.remove(CID)
+    store.adopt(CID, dest, known=known)
+
+
+def test_a_blob_that_never_arrives_fails_once_the_download_is_over(store, tmp_path, dest):
+    lay = six_chunks(store, tmp_path)
+    image = oci.check_manifest(image_manifest(lay), CAP, CID)
+    held_back(lay, tmp_path)
+    t0 = time.monotonic()
+    with pytest.raises(oci.OciError, match="missing from the pulled image"):
+        oci.unpack_image(image, lay, dest, CAP, arrival=oci.arrivals(lay, lambda: time.monotonic() - t0 > 0.2))
+    assert not (dest / "pages-1.img").exists()
+
+
+def test_waiting_for_a_blob_stops_when_another_chunk_fails(tmp_path):
+    import threading
+    stop = threading.Event()
+    stop.set()
+    wait = oci.arrivals(tmp_path, lambda: False)
+    with pytest.raises(oci.OciError):  # oci._Stopped: the failing chunk's error is the one reported
+        wait("sha256:" + "0" * 64, stop)

@@ -276,7 +276,8 @@ class FleetDemo:
             with DiskPeak([d] + ([content] if how == "containerd" else [])) as peak:
                 t0 = time.monotonic()
                 if how == "skopeo":
-                    pinned, max_file = check_remote(ref, Remote(tls_verify=False), 1 << 40, cid, NAMESPACE)
+                    checked = check_remote(ref, Remote(tls_verify=False), 1 << 40, cid, NAMESPACE)
+                    pinned, max_file = checked.ref, checked.max_file_bytes
                     skopeo_copy(f"docker://{pinned}", f"oci:{layout}:checkpoint", Remote(tls_verify=False).flags("src"),
                                 max_file)
                 else:
