@@ -107,6 +107,25 @@ def _summary(values: list[float]) -> dict:
     return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
 
 
+PHASES = ["total", "check", "download", "unpack", "download+unpack", "verify", "seal"]
+
+
+def table(results: dict) -> str:
+    """Median [min–max] seconds of each phase, one column per tree and size."""
+    cols = [(size, tree) for size, e in results["sizes"].items() for tree in e["summary"]]
+    lines = ["| seconds, median [min–max] | " + " | ".join(f"{s} MiB, {t}" for s, t in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for ph in PHASES:
+        cells = []
+        for size, tree in cols:
+            v = results["sizes"][size]["summary"][tree].get(f"{ph}_s")
+            cells.append(f"{v['median']:.2f} [{v['min']:.2f}–{v['max']:.2f}]" if v else "–")
+        lines.append(f"| {ph} | " + " | ".join(cells) + " |")
+    floors = " ".join(f"{s} MiB: checkpoint {e['checkpoint_bytes'] / 2**20:.0f} MiB, registry {e['registry_down_MBps']} "
+                      f"MB/s down, floor {e['floor_s']} s;" for s, e in results["sizes"].items())
+    return "\n".join(lines) + "\n\n" + floors
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1024", help="page image sizes in MiB, comma-separated")
@@ -115,8 +134,12 @@ def main() -> None:
                     help="a tree's runtime/ dir to pull with (repeatable; interleaved rep by rep)")
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--table", type=Path, metavar="JSON", help="print a results file as a Markdown table, and exit")
     ap.add_argument("--child", nargs=3, metavar=("WHAT", "WORK", "ARG"), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.table:
+        print(table(json.loads(a.table.read_text())))
+        return
     if a.child:
         what, work, arg = a.child
         out = make_and_push(Path(work), int(arg.split("|")[0]), arg.split("|")[1]) if what == "push" \
