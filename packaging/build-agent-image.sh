@@ -89,6 +89,12 @@ if [ "$FORCE" -eq 1 ] || [ ! -s "$ARCHIVE" ]; then
 
   log "venv /opt/warmstart/venv (built at its final path in a private mount namespace)"
   STAGE="$STAGE" P="$P" PY="$PY" BUILD_PY="$BUILD_PY" unshare -m --propagation private bash -euo pipefail -c '
+    # The building Python is usually the node venv, /opt/warmstart/venv, which the bind below hides:
+    # reach it through a second bind of the node'"'"'s /opt/warmstart (a venv is found from its path).
+    case "$BUILD_PY" in /opt/warmstart/*)
+      mkdir -p "$STAGE/node-opt"; mount --bind /opt/warmstart "$STAGE/node-opt"
+      BUILD_PY="$STAGE/node-opt/${BUILD_PY#/opt/warmstart/}" ;;
+    esac
     mount --bind "$P" /opt/warmstart
     /opt/warmstart/python/bin/python3 -m venv --without-pip /opt/warmstart/venv
     "$BUILD_PY" -m pip --python /opt/warmstart/venv/bin/python3 install -q --disable-pip-version-check \
