@@ -57,12 +57,7 @@ def _opted_in(call: Call) -> Bundle:
     c = runc.CreateArgs.parse(call.rest)
     log = call.log
     log.context = {"container": c.id}
-    # held until runc has the id (createlock.py): another create of it waits here, then sees it below
-    createlock.hold(call.settings.state_dir, call.runc.root, c.id)
-    if os.path.lexists(call.runc.root / c.id):
-        # runc already has this id: its own create fails as it should, and nothing of warmstart's
-        # (state dir, restore, a failed restore's cleanup) may touch the container that holds it
-        log.warning(f"runc already has a container {c.id}; passing the call to runc unchanged")
+    if not runc.valid_container_id(c.id):  # runc refuses it: nothing of warmstart's is made for it
         call.passthrough()
     cfg = c.bundle / "config.json"
     spec = json.loads(cfg.read_text())
@@ -74,6 +69,13 @@ def _opted_in(call: Call) -> Bundle:
         log.error(f"{e}; running the container as plain runc")
         call.passthrough()
     if policy is None:
+        call.passthrough()
+    # held until runc has the id (createlock.py): another create of it waits here, then sees it below
+    createlock.hold(call.settings.state_dir, call.runc.root, c.id)
+    if os.path.lexists(call.runc.root / c.id):
+        # runc already has this id: its own create fails as it should, and nothing of warmstart's
+        # (state dir, restore, a failed restore's cleanup) may touch the container that holds it
+        log.warning(f"runc already has a container {c.id}; passing the call to runc unchanged")
         call.passthrough()
     log.context["checkpoint_id"] = policy.checkpoint_id
     log.context["scope"] = scope

@@ -106,6 +106,15 @@ class CreateArgs:
                    preserve_fds=_s(vals.get("preserve-fds")))
 
 
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_+-.")
+
+
+def valid_container_id(cid: str) -> bool:
+    """runc's own rule for a container id (libcontainer: `^[\\w+-\\.]+$`, not "." or ".."), checked
+    before warmstart makes anything for the id: what runc refuses it refuses untouched."""
+    return bool(cid) and cid not in (".", "..") and set(cid) <= _ID_CHARS
+
+
 def _s(v: str | bool | None) -> str | None:
     return v if isinstance(v, str) and v else None
 

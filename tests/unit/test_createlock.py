@@ -68,3 +68,12 @@ def test_a_second_holder_waits_and_remove_hands_it_a_fresh_file(tmp_path: Path):
     createlock.remove(state, root, "c2")
     assert not path.exists()
     createlock.remove(state, root, "c2")  # nothing to remove: no error
+
+
+def test_runc_s_id_rule_decides_before_any_lock():
+    """An id runc refuses is passed on untouched (no lock file for it: nothing left behind)."""
+    from warmstart import runc
+    for ok in ("abc", "a.b_c-d+e", "0", "pod_ns_uid-123"):
+        assert runc.valid_container_id(ok), ok
+    for bad in ("", ".", "..", "../../cid-escape", "a/b", "a b", "é", "a\0b"):
+        assert not runc.valid_container_id(bad), bad
