@@ -197,7 +197,9 @@ class _Attempt:
                                   watch, self.stdio)
             p, how = lazy.run_restore(self.rc, self.c.id, opts, run, ckpt.path, self.spec.raw, self.log)
         self.log.context["restore_mode"] = how
-        if p.returncode != 0 and ID_TAKEN in _reason(self.runc_out, self.work):
+        # runc's own refusal, before it ran CRIU: CRIU's log may quote the container's own file names
+        if p.returncode != 0 and not (self.work / "restore.log").exists() \
+                and ID_TAKEN in (_runc_error(self.runc_out) or ""):
             raise IdTaken(f"runc already has a container {self.c.id} (a create that did not wait for this "
                           "one's lock: a plain one, or runc called directly)")
         if p.returncode != 0:
@@ -307,6 +309,11 @@ def _reason(runc_log: Path, work: Path) -> str:
                 return line.strip()[:300]
     except OSError:
         pass
+    return _runc_error(runc_log) or "no error output"
+
+
+def _runc_error(runc_log: Path) -> str | None:
+    """runc's own last error message in its JSON log (text from the checkpoint never gets there)."""
     try:
         lines = runc_log.read_text(errors="replace").splitlines()
     except OSError:
@@ -318,7 +325,7 @@ def _reason(runc_log: Path, work: Path) -> str:
             continue
         if isinstance(rec, dict) and rec.get("level") == "error":
             return str(rec.get("msg"))[:300]
-    return "no error output"
+    return None
 
 
 def _keep_logs(settings: Settings, container_id: str, work: Path) -> None:
