@@ -1,4 +1,8 @@
-"""GPU inventory (NVML through ctypes, libnvidia-ml.so.1) and the GPU compatibility of a checkpoint.
+"""GPU inventory and the GPU compatibility of a checkpoint.
+
+The inventory comes from the kernel module's /proc/driver/nvidia files (about 1 ms), else from NVML
+through ctypes (libnvidia-ml.so.1; nvmlInit alone takes about 100 ms on an H200, on create's path).
+Dump and restore read it through the same `node_inventory`, so the two sides compare like with like.
 
 Recorded at dump in metadata's `gpu` object: the GPUs the container sees
 (those of its /dev/nvidia<N> devices, in the order its spec lists them; all,
@@ -13,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 LIB_CANDIDATES = ("libnvidia-ml.so.1", "/usr/local/nvidia/lib64/libnvidia-ml.so.1",
@@ -45,7 +50,43 @@ def _load_nvml() -> Any | None:
     return None
 
 
+PROC_NVIDIA = Path("/proc/driver/nvidia")
+_MODULE_VERSION_RE = re.compile(r"Kernel Module\b.*?\s(\d+\.\d+(?:\.\d+)?)\s")
+
+
+def proc_inventory(root: Path | None = None) -> dict[str, Any] | None:
+    """Every GPU of this node from the NVIDIA kernel module's /proc files, or None when they are absent
+    or not as expected (then NVML answers).  GPUs in PCI bus order, as NVML numbers them; excluded
+    GPUs (`GPU Excluded: Yes`) are left out, as NVML leaves them out."""
+    root = PROC_NVIDIA if root is None else root
+    try:
+        m = _MODULE_VERSION_RE.search((root / "version").read_text())
+        if not m:
+            return None
+        devices = []
+        for d in sorted((root / "gpus").iterdir(), key=lambda p: p.name.lower()):
+            info = {}
+            for line in (d / "information").read_text().splitlines():
+                key, sep, value = line.partition(":")
+                if sep:
+                    info[key.strip()] = value.strip()
+            if info.get("GPU Excluded", "No").lower().startswith("y"):
+                continue
+            devices.append({"index": len(devices), "minor": int(info["Device Minor"]), "name": info["Model"],
+                            "uuid": info["GPU UUID"]})
+    except (OSError, KeyError, ValueError):
+        return None
+    if not devices or any(not d["uuid"].startswith("GPU-") for d in devices):
+        return None  # e.g. a driver that hides UUIDs there: NVML knows
+    return {"driver_version": m.group(1), "devices": devices}
+
+
 def node_inventory(lib: Any | None = None) -> dict[str, Any] | None:
+    """Every GPU of this node (/proc, else NVML), or None when there is no NVIDIA driver."""
+    return (proc_inventory() if lib is None else None) or nvml_inventory(lib)
+
+
+def nvml_inventory(lib: Any | None = None) -> dict[str, Any] | None:
     """Every GPU of this node via NVML, or None when there is no NVML (no driver)."""
     lib = lib or _load_nvml()
     if lib is None or lib.nvmlInit_v2() != 0:
@@ -82,7 +123,8 @@ def for_container(inventory: dict[str, Any] | None, spec: dict[str, Any]) -> dic
     minors = spec_minors(spec)
     devs = [d for d in inventory["devices"] if minors is None or d["minor"] in minors]
     devs.sort(key=lambda d: d["minor"] if minors is None else minors.index(d["minor"]))  # the container's order
-    return {"driver_version": inventory["driver_version"], "cuda_version": inventory["cuda_version"],
+    cuda = {"cuda_version": inventory["cuda_version"]} if inventory.get("cuda_version") else {}
+    return {"driver_version": inventory["driver_version"], **cuda,
             "count": len(devs), "models": sorted({d["name"] for d in devs}),
             "devices": [{"name": d["name"], "uuid": d["uuid"], "minor": d["minor"]} for d in devs]}
 

@@ -41,9 +41,65 @@ def test_same_model_other_device_is_remapped():
     assert gpu.gpu_pairs(old, old) == []
 
 
-def test_node_inventory_without_nvml(monkeypatch):
+def test_node_inventory_without_nvml(monkeypatch, tmp_path):
+    monkeypatch.setattr(gpu, "PROC_NVIDIA", tmp_path / "absent")
     monkeypatch.setenv("WARMSTART_LIBNVML", "/nonexistent/libnvidia-ml.so.1")
     assert gpu.node_inventory() is None
+
+
+VERSION = ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  Release Build  "
+           "(dvs-builder@U22-I3-AE18-23-3)  Thu Jun  5 14:04:37 UTC 2025\nGCC version:  gcc version 12.2.0\n")
+
+
+def proc_tree(root, gpus):
+    """A /proc/driver/nvidia as the 580 module writes it: version, gpus/<bus id>/information."""
+    root.mkdir(parents=True)
+    (root / "version").write_text(VERSION)
+    for bus, minor, model, uuid, excluded in gpus:
+        d = root / "gpus" / bus
+        d.mkdir(parents=True)
+        (d / "information").write_text(
+            f"Model: \t\t {model}\nIRQ:   \t\t 0\nGPU UUID: \t {uuid}\nVideo BIOS: \t 96.00.af.00.01\n"
+            f"Bus Type: \t PCIe\nDMA Size: \t 52 bits\nDMA Mask: \t 0xfffffffffffff\nBus Location: \t {bus}\n"
+            f"Device Minor: \t {minor}\nGPU Excluded:\t {excluded}\n")
+    return root
+
+
+def test_proc_inventory_reads_the_module_s_files_in_bus_order(monkeypatch, tmp_path):
+    root = proc_tree(tmp_path / "nvidia", [
+        ("0000:9a:00.0", 1, "NVIDIA H200", "GPU-bbbbbbbb-0000-0000-0000-000000000000", "No"),
+        ("0000:18:00.0", 0, "NVIDIA H200", "GPU-aaaaaaaa-0000-0000-0000-000000000000", "No"),
+        ("0000:c0:00.0", 2, "NVIDIA H200", "GPU-cccccccc-0000-0000-0000-000000000000", "Yes")])
+    inv = gpu.proc_inventory(root)
+    assert inv == {"driver_version": "580.159.04", "devices": [
+        {"index": 0, "minor": 0, "name": "NVIDIA H200", "uuid": "GPU-aaaaaaaa-0000-0000-0000-000000000000"},
+        {"index": 1, "minor": 1, "name": "NVIDIA H200", "uuid": "GPU-bbbbbbbb-0000-0000-0000-000000000000"}]}
+    g = gpu.for_container(inv, spec(1))
+    assert g == {"driver_version": "580.159.04", "count": 1, "models": ["NVIDIA H200"],
+                 "devices": [{"name": "NVIDIA H200", "uuid": "GPU-bbbbbbbb-0000-0000-0000-000000000000", "minor": 1}]}
+    monkeypatch.setattr(gpu, "PROC_NVIDIA", root)
+    monkeypatch.setattr(gpu, "nvml_inventory", lambda lib=None: pytest.fail("NVML read although /proc answered"))
+    assert gpu.node_inventory() == inv
+
+
+@pytest.mark.parametrize("damage", ["no version line", "no gpus dir", "uuid hidden", "no minor"])
+def test_proc_inventory_not_as_expected_means_nvml(monkeypatch, tmp_path, damage):
+    root = proc_tree(tmp_path / "nvidia", [("0000:18:00.0", 0, "NVIDIA H200",
+                                            "GPU-aaaaaaaa-0000-0000-0000-000000000000", "No")])
+    info = root / "gpus" / "0000:18:00.0" / "information"
+    if damage == "no version line":
+        (root / "version").write_text("something else\n")
+    elif damage == "no gpus dir":
+        info.unlink()
+        info.parent.rmdir()
+    elif damage == "uuid hidden":
+        info.write_text(info.read_text().replace("GPU-aaaaaaaa-0000-0000-0000-000000000000", "?"))
+    else:
+        info.write_text(info.read_text().replace("Device Minor", "Minor"))
+    assert gpu.proc_inventory(root) is None
+    monkeypatch.setattr(gpu, "PROC_NVIDIA", root)
+    monkeypatch.setattr(gpu, "nvml_inventory", lambda lib=None: INV)
+    assert gpu.node_inventory() is INV
 
 
 INV4 = {**INV, "devices": [{"index": i, "minor": i, "name": H100, "uuid": f"GPU-{i}{i}{i}{i}{i}{i}{i}{i}-0000-0000-0000-000000000000"}

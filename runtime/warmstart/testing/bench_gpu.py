@@ -335,6 +335,7 @@ class GpuBench:
         self.node, self.args, self.python, self.plan = node, args, python, plan
         self.batch_sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
         self.variants: dict[str, Variant] = {}
+        self.last_start_s = 0.0  # the last start()'s `start` call
 
     def box(self, v: Variant, mode: str, name: str) -> bench.Box:
         return self.node.new(name, worker_args(self.python, v.port, self.args),
@@ -350,7 +351,9 @@ class GpuBench:
         if rc != 0:
             drain.close()
             raise RuntimeError(f"create {b.id} failed ({rc}): {bench._tail(b.bundle / 'log.json')}")
+        t = time.monotonic()
         p = self.node.call(self.node.runtime, b, "start", b.id)
+        self.last_start_s = time.monotonic() - t
         if p.returncode != 0:
             drain.close()
             raise RuntimeError(f"start {b.id} failed: {p.stderr[-300:]}")
@@ -397,6 +400,9 @@ class GpuBench:
             v.add("cold_first_gen_s", done - t0)
             v.add("cold_health_s", healthy - t0)
             v.add("cold_create_s", created)
+            v.add("cold_gen_worker_s", first.get("gen_s"))  # the worker's own time for one generation, warmed up
+            for k, x in (first.get("gen_phases") or {}).items():
+                v.add(f"cold_gen_{k}", x)
             v.reference[self.batch_sizes[0]] = first
             for bs in self.batch_sizes[1:]:
                 code, out = request(v.port, "GET", f"/generate?batch={bs}&new_tokens={self.args.new_tokens}")
@@ -445,6 +451,10 @@ class GpuBench:
             v.cached = True
             done, first = first_generation(v.port, self.batch_sizes[0], self.args.new_tokens, 300, self.alive(b))
             v.add(f"restore_{cache}_create_s", created)
+            v.add(f"restore_{cache}_start_s", self.last_start_s)
+            v.add(f"restore_{cache}_gen_worker_s", first.get("gen_s"))  # inside first_gen_s: the worker's own
+            for k, x in (first.get("gen_phases") or {}).items():
+                v.add(f"restore_{cache}_gen_{k}", x)
             v.add(f"restore_{cache}_first_gen_s", done - t0)
             v.restore_phases.setdefault(cache, []).append(rec.get("phases", {}))
             v.identical.setdefault(cache, []).append(self.check_all(v, first))
@@ -555,10 +565,14 @@ def derive(v: Variant) -> dict[str, Any]:
 
 ROWS = [("cold start → first correct generation", "cold_first_gen_s"), ("  cold: /health 200", "cold_health_s"),
         ("stop with dump (kill 15 returns)", "dump_s"),
+        ("  cold: one generation, the worker's own time (warmed up)", "cold_gen_worker_s"),
         ("restore (create returns), cache warm", "restore_warm_create_s"),
+        ("  then `start` returns, warm", "restore_warm_start_s"),
         ("restore → first correct generation, warm", "restore_warm_first_gen_s"),
+        ("  of which the first generation, the worker's own time, warm", "restore_warm_gen_worker_s"),
         ("restore (create returns), cache dropped", "restore_dropped_create_s"),
         ("restore → first correct generation, dropped", "restore_dropped_first_gen_s"),
+        ("  of which the first generation, the worker's own time, dropped", "restore_dropped_gen_worker_s"),
         ("speed-up (cold / restore, warm)", "speedup_warm"), ("speed-up (cold / restore, dropped)", "speedup_dropped"),
         ("floor: read image (page cache)", "read_cached_s"), ("floor: read image (disk)", "read_cold_s"),
         ("floor: H2D copy of the GPU bytes, pinned", "h2d_pinned_s"),

@@ -215,6 +215,8 @@ class Engine:
             ids = torch.empty((new_tokens, batch), dtype=torch.long, device=self.device)
             out = self.model.forward(input_ids=self.prompt[:batch], past_key_values=cache, use_cache=True,
                                      logits_to_keep=1).logits[:, -1]
+            self._sync()
+            t_prefill = time.monotonic()
             for i in range(new_tokens):
                 if i:
                     if self.opts["compile"]:
@@ -223,6 +225,8 @@ class Engine:
                                       use_cache=True).logits[:, -1]
                 logits[i].copy_(out)
                 ids[i] = out.argmax(-1)
+            self._sync()
+            t_decode = time.monotonic()
             ids_host = ids.t().contiguous().cpu()
             logits_host = logits.cpu()
             finite = bool(torch.isfinite(logits_host).all())
@@ -230,7 +234,20 @@ class Engine:
         return {"batch": batch, "new_tokens": new_tokens, "token_ids": tokens,
                 "sha256_ids": hashlib.sha256(json.dumps(tokens).encode()).hexdigest(),
                 "sha256_logits": hashlib.sha256(logits_host.view(torch.int16).numpy().tobytes()).hexdigest(),
-                "finite": finite, "gen_s": time.monotonic() - t}
+                "finite": finite, "gen_s": time.monotonic() - t,
+                "gen_phases": {"prefill_s": t_prefill - t, "decode_s": t_decode - t_prefill,
+                               "host_s": time.monotonic() - t_decode}}
+
+    def _cudnn(self) -> int | str | None:
+        """cuDNN's version, or why torch will not use it (e.g. an older system cuDNN found first)."""
+        try:
+            return self.torch.backends.cudnn.version() if self.cuda else None
+        except RuntimeError as e:
+            return str(e).split(". ")[0]
+
+    def _sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
 
     def sleep(self, level: int) -> dict[str, Any]:
         if level != 1:
@@ -286,8 +303,11 @@ class Engine:
         return out
 
     def stats(self) -> dict[str, Any]:
+        torch = self.torch
         return {"timings": self.timings, "sleeping": self.sleeping, "max_cache_len": self.max_cache_len,
                 "batch_sizes": self.batch_sizes, "preset": self.opts["preset"], "pid": os.getpid(),
+                "torch": {"version": torch.__version__, "threads": torch.get_num_threads(),
+                          "cpus": len(os.sched_getaffinity(0)), "cudnn": self._cudnn()},
                 **self.memory()}
 
 
