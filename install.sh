@@ -245,6 +245,21 @@ build_criu_source() {
   log "built CRIU in $((SECONDS - t)) s"
 }
 
+# One install at a time builds from $CACHE: concurrent runs (two checkouts, a DaemonSet's node install and
+# an operator's) would otherwise extract or clean $CRIU_SRC while the other compiles, installs or pip-builds
+# pycriu from it.  criu_lock holds an exclusive flock on $CACHE/criu.lock until criu_unlock (or exit).
+CRIU_LOCK_FD=""
+criu_lock() {
+  command -v flock >/dev/null || die "flock missing (apt-get install util-linux)"
+  mkdir -p "$CACHE"
+  exec {CRIU_LOCK_FD}>>"$CACHE/criu.lock"
+  if ! flock -n "$CRIU_LOCK_FD"; then
+    log "waiting for another install's CRIU build (lock $CACHE/criu.lock)"
+    flock "$CRIU_LOCK_FD"
+  fi
+}
+criu_unlock() { flock -u "$CRIU_LOCK_FD"; exec {CRIU_LOCK_FD}>&-; CRIU_LOCK_FD=""; }
+
 # Hash of everything pip installs from the repo (pyproject + package sources).
 repo_hash() {
   local p paths=()
@@ -289,12 +304,15 @@ CRIU_CHOSEN=""
 step_criu() {
   local target="$CRIU_PREFIX/sbin/criu" configured
   configured="$(config_criu)"
+  # Held from the check on: a run that waited then finds the CRIU the other one installed, and skips.
+  criu_lock
   if [ "$FORCE_CRIU_BUILD" -eq 0 ]; then
     local cand
     for cand in "$configured" "$target" /usr/sbin/criu; do
       [ -n "$cand" ] || continue
       if criu_usable "$cand"; then
         CRIU_CHOSEN="$cand"
+        criu_unlock
         step_skipped criu "$cand $(criu_version "$cand"), criu check passes"
         return
       fi
@@ -313,6 +331,7 @@ step_criu() {
     die "'$target check' fails on this kernel: CRIU cannot checkpoint here"
   fi
   CRIU_CHOSEN="$target"
+  criu_unlock
   step_done criu "$target $(criu_version "$target"), criu check: $(tail -n1 "$CACHE/criu-check.log")"
 }
 
@@ -351,6 +370,7 @@ step_python() {
   # pycriu from the same CRIU source as the binary we build.
   if [ "$("$py" -c 'import pycriu; from pycriu.images import images; print(pycriu.__version__)' 2>/dev/null)" \
        != "$CRIU_VERSION" ]; then
+    criu_lock  # pip builds in $CRIU_SRC/lib (build/, *.egg-info), which another run may be rebuilding
     build_criu_source
     # --no-build-isolation needs setuptools in the venv (Python >= 3.12 venvs come without it).
     "$py" -c 'import setuptools, wheel' 2>/dev/null || "${pip[@]}" setuptools wheel >>"$CACHE/pip.log" 2>&1 \
@@ -361,6 +381,7 @@ step_python() {
     fi
     "$py" -c 'import pycriu; from pycriu.images import images' \
       || die "pycriu installed but 'from pycriu.images import images' fails in $VENV"
+    criu_unlock
     did+=("pycriu $CRIU_VERSION installed")
   fi
   if [ ${#did[@]} -eq 0 ]; then
