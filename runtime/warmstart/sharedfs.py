@@ -7,6 +7,10 @@ Layout on the share (`[shared_store] path`), the local store's, which is Dynamo'
     <share>/<ns>/.locks/<id>.lock         POSIX byte-range locks (sharelock.py): byte 0 = who publishes
                                           the id, byte 1 = its content (readers shared, the swap exclusive)
 
+What a publisher that died left in `.tmp` is deleted by the next publish of that id, and by `warmstart
+gc` (`sweep_share`), both by one rule (`Share._leftovers`): an entry is a dead publisher's once byte 0
+of every id it may belong to could be taken after the entry was seen.
+
 A node publishes a checkpoint it made (in the background, after the dump): it copies and fsyncs every
 file into `.tmp`, then, holding byte 1 exclusively, moves the old version aside and renames the new one
 into place.  A node that misses a checkpoint fetches it: holding byte 1 shared, it copies the files into
@@ -28,13 +32,14 @@ import stat
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from . import config
 from .config import Settings
 from .fleet import OnMiss, _spawn, fetch_detached, worker_args
-from .ids import validate_id
+from .ids import ID_RE, validate_id
 from .log import Logger
 from .sharelock import LockError, LockFile
 from .store import MARKER, METADATA, CheckpointError, Store
@@ -42,6 +47,7 @@ from .trust import K8S_NAMESPACE_RE, LOCAL_SCOPE
 
 PUBLISH, CONTENT = 0, 1  # the bytes of an id's lock file
 SWAP_WAIT_S = 600  # how long a publish waits for readers to finish copying before it gives up
+PUBLISH_WAIT_S = 5  # how long a publish waits for byte 0: gc holds it for a listing, a publisher for its copy
 READ_WAIT_S = 60  # how long a fetch waits for a swap (milliseconds, unless a publisher is stuck)
 MAX_FILES = 100_000  # a checkpoint dir with more entries than this is refused unread
 SENDFILE_CHUNK = 1 << 30
@@ -192,13 +198,14 @@ class Share:
             lock = self._lock(sfd, cid, writable=True)
             assert lock is not None
             with lock:
-                if not lock.take(PUBLISH, exclusive=True):
+                if not lock.take(PUBLISH, exclusive=True, timeout_s=PUBLISH_WAIT_S):
                     return "skipped: another node is publishing this checkpoint"
                 if self.digest(sfd, cid) == ckpt.metadata_sha256:
                     return "skipped: the share already has this version"
                 tfd = _open_dir(".tmp", sfd, create=True)
                 try:
-                    _reap(tfd, cid)  # what dead publishers of this id left (we hold its publish lock)
+                    for entry in self._leftovers(sfd, tfd, mine=cid)[0]:  # what dead publishers of cid left
+                        _remove(tfd, entry)
                     name = f"{cid}.{secrets.token_hex(6)}"
                     try:
                         size = _copy_in(ckpt.path, tfd, name)
@@ -217,6 +224,112 @@ class Share:
                     os.close(tfd)
         return f"published {size} bytes to {self.root / cid}" + (" (replaced the version there)" if old else "")
 
+    # -- leftovers ----------------------------------------------------------------
+
+    def _leftovers(self, sfd: int, tfd: int, mine: str | None = None) -> tuple[list[str], list[str]]:
+        """`.tmp`'s entries split into (no live publisher's, maybe a live publisher's); with `mine`, the id
+        whose byte 0 the caller (a publish) holds, only the entries that may be that id's.
+
+        The one rule, for a publish and for `warmstart gc`: a publisher holds byte 0 of its id's lock
+        from before it makes an entry until it has renamed or deleted it, and no name is ever made twice.
+        So an entry seen here, when byte 0 of every id it may belong to is then held by this process,
+        is a dead publisher's (the kernel drops a dead holder's lock, the NFS server a dead node's when
+        its lease runs out) and stays so after the locks are let go.  A name no publisher makes has no
+        owner: it is stale at once.  There is no age threshold: the lock is the whole test.
+        """
+        taken: dict[str, LockFile | None] = {}  # the ids this call tried: their lock, None if held elsewhere
+
+        def gone(cid: str) -> bool:
+            if cid == mine:
+                return True
+            if cid not in taken:
+                try:
+                    lock = self._lock(sfd, cid, writable=True)
+                except LockError:
+                    lock = None  # a planted lock file: nobody can publish this id, nor judge its entries
+                if lock is not None and not lock.take(PUBLISH, exclusive=True):
+                    lock.close()
+                    lock = None
+                taken[cid] = lock
+            return taken[cid] is not None
+
+        stale, busy = [], []
+        try:
+            for entry in sorted(os.listdir(tfd)):
+                owners = _owners(entry)
+                if mine is None or mine in owners:
+                    (stale if all([gone(c) for c in owners]) else busy).append(entry)
+        finally:
+            for lock in taken.values():
+                if lock is not None:
+                    lock.close()
+        return stale, busy
+
+    def sweep(self) -> Sweep:
+        """Delete what dead publishers left in this namespace's `.tmp` (`warmstart gc`).
+
+        Byte 0 of an id is held only while the listing is judged, not while the entries are deleted, so
+        a publish of that id that starts meanwhile waits a moment (within PUBLISH_WAIT_S), never skips.
+        """
+        out = Sweep()
+        with self._dir(create=False) as sfd:
+            if sfd is None:
+                return out
+            try:
+                tfd = _open_dir(".tmp", sfd)
+            except FileNotFoundError:
+                return out
+            try:
+                stale, busy = self._leftovers(sfd, tfd)
+                for entry in stale:
+                    try:
+                        _remove(tfd, entry)
+                        out.removed.append(f"{self.root}/.tmp/{entry}")
+                    except OSError as e:
+                        out.errors.append(f"{self.root}/.tmp/{entry}: not removed: {e.strerror}")
+                out.kept += [f"{self.root}/.tmp/{entry}" for entry in busy]
+            finally:
+                os.close(tfd)
+        return out
+
+
+@dataclass
+class Sweep:
+    """What `warmstart gc` did to the share's `.tmp` dirs."""
+
+    removed: list[str] = field(default_factory=list)  # paths of dead publishers' entries, deleted
+    kept: list[str] = field(default_factory=list)  # entries whose id's publish lock is held: in progress
+    errors: list[str] = field(default_factory=list)  # one line each: what could not be swept, and why
+
+
+def sweep_share(settings: Settings) -> Sweep:
+    """Sweep every namespace's `.tmp` on the configured share, logging each namespace's outcome."""
+    share = settings.shared_store.path
+    if share is None:
+        return Sweep()
+    out = Sweep()
+    try:
+        scopes = sorted(n for n in os.listdir(share) if n == LOCAL_SCOPE or K8S_NAMESPACE_RE.fullmatch(n))
+    except OSError as e:
+        out.errors.append(f"{share}: the shared store is not readable ({e.strerror}); not swept")
+        return out
+    for scope in scopes:
+        log = Logger(settings.log_dir, context={"namespace": scope, "component": "shared_store"})
+        try:
+            got = Share(settings, scope).sweep()
+        except (OSError, ShareError) as e:
+            got = Sweep(errors=[f"{share / scope}: not swept: {e}"])
+        if got.removed:
+            log.info(f"gc removed {len(got.removed)} entries dead publishers left: {', '.join(got.removed)}"
+                     + (f"; kept {len(got.kept)} of publishes in progress" if got.kept else ""),
+                     removed=len(got.removed))
+        for err in got.errors:
+            log.warning(f"gc: {err}")
+        out.removed += got.removed
+        out.kept += got.kept
+        out.errors += got.errors
+    return out
+
 
 def _swap(sfd: int, tfd: int, name: str, cid: str) -> str | None:
     """Move the share's `cid` aside (if any) and `.tmp/name` into its place; returns the aside name."""
@@ -231,11 +344,14 @@ def _swap(sfd: int, tfd: int, name: str, cid: str) -> str | None:
     return old
 
 
-def _reap(tfd: int, cid: str) -> None:
-    pattern = re.compile(rf"(trash\.)?{re.escape(cid)}\.[0-9a-f]{{12}}")
-    for entry in os.listdir(tfd):
-        if pattern.fullmatch(entry):
-            _remove(tfd, entry)
+def _owners(entry: str) -> list[str]:
+    """The ids whose publisher may have made `.tmp/entry`, `<id>.<rand>` or `trash.<id>.<rand>` (an id may
+    itself begin with "trash.": then both); [] for a name no publisher makes."""
+    m = re.fullmatch(r"(.+)\.[0-9a-f]{12}", entry)
+    if m is None:
+        return []
+    ids = [m[1], m[1].removeprefix("trash.")] if m[1].startswith("trash.") else [m[1]]
+    return [cid for cid in ids if ID_RE.fullmatch(cid)]
 
 
 def _remove(dfd: int, name: str) -> None:

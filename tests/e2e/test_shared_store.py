@@ -4,7 +4,9 @@ Two (or more) node configs on one machine — separate stores, seals, state and 
 What is proved: node A's dump is published to the share in the background and node B's create fetches,
 verifies and restores it; readers fetching while two writers keep replacing the id only ever get a whole
 version (and a lock-free observer never sees a marker beside a partial dir); a tampered file on the share
-and an entry filed under another namespace each give a cold start, one log line, and nothing left behind.
+and an entry filed under another namespace each give a cold start, one log line, and nothing left behind;
+`warmstart gc` on another node leaves a stalled publisher's `.tmp` entry alone and removes it once the
+publisher is SIGKILLed, and unlinks a symlink planted in `.tmp` without following it.
 """
 from __future__ import annotations
 
@@ -248,3 +250,82 @@ def test_a_bad_entry_on_the_share_is_a_cold_start_with_one_line(nodes, carried, 
     assert store_state(b, scope) == before and not (b.store_root / scope / "carried").exists()
     assert not list((b.base / "seals").glob(f"{scope}/carried*"))
     print(f"\n{case}: {line['msg'][:300]}")
+
+
+STALLED_PUBLISH = textwrap.dedent("""
+    import sys
+    from warmstart import config, sharedfs
+    where, cid = sys.argv[1], sys.argv[2]
+    real_copy, real_remove = sharedfs._copy_in, sharedfs._remove
+
+    def stall():
+        print("stalled", flush=True)
+        sys.stdin.readline()  # until the test kills us, as a node crash would
+
+    def copy_in(*args):  # "copy": the new version is in .tmp, not yet swapped in
+        size = real_copy(*args)
+        if where == "copy":
+            stall()
+        return size
+
+    def remove(dfd, name):  # "trash": swapped in; the old version, moved aside, is not yet deleted
+        if where == "trash" and name.startswith("trash."):
+            stall()
+        real_remove(dfd, name)
+    sharedfs._copy_in, sharedfs._remove = copy_in, remove
+    print(sharedfs.Share(config.load(), "_local").publish(cid))
+""")
+
+
+def gc(node: shim.Node) -> str:
+    p = subprocess.run(["warmstart", "gc"], capture_output=True, text=True, env={**os.environ, **node.env()})
+    assert p.returncode == 0 and p.stderr == "", p
+    return p.stdout
+
+
+@pytest.mark.parametrize("case", ["copy", "trash"])
+def test_gc_sweeps_a_killed_publishers_leftovers_and_leaves_a_live_ones_alone(nodes, carried, tmp_path, case):
+    """Node P publishes "carried" to a share and stalls (its copy in .tmp, or the replaced version in
+    .tmp/trash.*): node G's `warmstart gc` keeps that entry while P lives, and removes it once P is
+    SIGKILLed; a symlink planted in .tmp is unlinked, its target untouched."""
+    a, _ = carried
+    share = tmp_path / "share3"
+    share.mkdir(mode=0o700)
+    p, g = nodes(share), nodes(share)
+    shutil.copytree(a.store / "carried", p.store / "carried")
+    ns = share / "_local"
+    (ns / ".tmp").mkdir(parents=True)
+    if case == "trash":  # an older version on the share, which the publish replaces
+        (ns / "carried").mkdir()
+        (ns / "carried" / "pages-1.img").write_bytes(b"old" * 1000)
+        (ns / "carried" / MARKER).write_text(json.dumps({"success": True, "metadata_sha256": "0" * 64}))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("root's")
+    (ns / ".tmp" / "evil").symlink_to(outside)
+    pub = subprocess.Popen([runtime_python(), "-c", STALLED_PUBLISH, case, "carried"], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True, env={**os.environ, **p.env()})
+    try:
+        assert pub.stdout.readline().strip() == "stalled"
+        (entry,) = [n for n in os.listdir(ns / ".tmp") if n != "evil"]
+        assert entry.startswith("trash.carried." if case == "trash" else "carried."), entry
+        out = gc(g)
+        assert f"kept {ns}/.tmp/{entry}: a publish in progress" in out and f"removed {ns}/.tmp/evil\n" in out, out
+        assert os.listdir(ns / ".tmp") == [entry] and os.listdir(outside) == ["keep"]
+        assert (outside / "keep").read_text() == "root's"
+    finally:
+        pub.kill()
+        pub.wait(timeout=10)
+    out = gc(g)
+    print(f"\ngc after the publisher was killed: {out.strip()}")
+    assert f"removed {ns}/.tmp/{entry}\n" in out and f"gc: 1 removed from the shared store {share}\n" in out, out
+    assert os.listdir(ns / ".tmp") == []
+    first, second = lines(g)
+    assert f"{ns}/.tmp/evil" in first["msg"] and "kept 1" in first["msg"] and first["removed"] == 1
+    assert second["msg"] == f"gc removed 1 entries dead publishers left: {ns}/.tmp/{entry}", second
+    # the share still works: P's next publish puts its version there whole
+    done = subprocess.run([runtime_python(), "-m", "warmstart.sharedfs", "publish", "carried"],
+                          env={**os.environ, **p.env()}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (ns / "carried" / MARKER).read_text() == (p.store / "carried" / MARKER).read_text()
+    assert os.listdir(ns / ".tmp") == []

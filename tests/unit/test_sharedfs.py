@@ -208,3 +208,46 @@ def test_the_worker_logs_one_line_per_outcome(nodes):
     (line,) = [json.loads(x) for x in (b.settings.log_dir / "runtime.log").read_text().splitlines()]
     assert line["level"] == "warning" and "dump.log: SHA-256 mismatch" in line["msg"]
     assert "the store is unchanged" in line["msg"] and snapshot(b) == []
+
+
+def hold_publish_lock(root: Path, cid: str):
+    """Another process holding byte 0 of `cid`'s lock on the share, as a live publisher does."""
+    from test_sharelock import Holder
+    (root / ".locks").mkdir(exist_ok=True)
+    h = Holder(root / ".locks", f"{sharedfs.PUBLISH}:ex")
+    os.replace(root / ".locks" / "x.lock", root / ".locks" / f"{cid}.lock")  # the holder's fd keeps its lock
+    return h
+
+
+def test_gc_sweeps_what_dead_publishers_left_and_nothing_a_live_one_owns(nodes, tmp_path):
+    """Node B's gc over the share: entries of ids whose publish lock is free go, whatever they are (dirs
+    deleted, symlinks unlinked, never followed); entries of ids another process holds stay."""
+    _, b = nodes
+    root = b.settings.shared_store.path / "_local"
+    (root / ".tmp").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_bytes(b"root's")
+    dead = [f"{CID}.0123456789ab", f"trash.{CID}.ba9876543210"]
+    live = ["busy.0123456789ab", "trash.busy.0123456789ab", "trash.x.0123456789ab"]  # the last: x's trash, or
+    for name in dead + live:  # a publish of the id "trash.x", which another process holds: it stays
+        (root / ".tmp" / name).mkdir()
+        (root / ".tmp" / name / "pages-1.img").write_bytes(b"half")
+    (root / ".tmp" / "evil").symlink_to(outside)
+    (root / ".tmp" / f"{CID}.aaaaaaaaaaaa").symlink_to(outside)
+    (root / ".tmp" / "junk").write_bytes(b"x")
+    holders = [hold_publish_lock(root, "busy"), hold_publish_lock(root, "trash.x")]
+    try:
+        got = sharedfs.sweep_share(b.settings)
+        assert sorted(os.listdir(root / ".tmp")) == sorted(live)
+        assert sorted(got.removed) == sorted(f"{root}/.tmp/{n}" for n in [*dead, "evil", f"{CID}.aaaaaaaaaaaa", "junk"])
+        assert sorted(got.kept) == sorted(f"{root}/.tmp/{n}" for n in live) and got.errors == []
+    finally:
+        for h in holders:
+            h.kill()  # as a node crash would: the kernel drops the locks
+    assert sorted(os.listdir(outside)) == ["keep"] and (outside / "keep").read_bytes() == b"root's"
+    assert sorted(sharedfs.sweep_share(b.settings).removed) == sorted(f"{root}/.tmp/{n}" for n in live)
+    assert os.listdir(root / ".tmp") == []
+    (line, again) = [json.loads(x) for x in (b.settings.log_dir / "runtime.log").read_text().splitlines()]
+    assert line["component"] == "shared_store" and line["removed"] == 5 and "kept 3" in line["msg"]
+    assert again["removed"] == 3 and f"{root}/.tmp/busy.0123456789ab" in again["msg"]

@@ -12,7 +12,7 @@ COMMANDS = {
     "inspect": ("warmstart.cli.store_cmds", "show a checkpoint's metadata and the privileges its images hold"),
     "verify": ("warmstart.cli.store_cmds", "fully verify a checkpoint (hashes, schema) and seal it"),
     "remove": ("warmstart.cli.store_cmds", "remove a checkpoint"),
-    "gc": ("warmstart.cli.store_cmds", "reap abandoned temp dirs and incomplete checkpoints"),
+    "gc": ("warmstart.cli.store_cmds", "reap abandoned temp dirs (the shared store's too) and incomplete checkpoints"),
     "identity": ("warmstart.cli.store_cmds", "print the checkpoint id for a DynamoCheckpoint identity"),
     "push": ("warmstart.cli.registry", "push a checkpoint to a registry as an OCI image (skopeo)"),
     "pull": ("warmstart.cli.registry", "pull a checkpoint from a registry into the store"),

@@ -126,7 +126,8 @@ def run_remove(args: argparse.Namespace) -> int:
 
 def add_gc_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-age", type=float, default=3600.0,
-                   help="only reap temp dirs older than this many seconds (default 3600; locks are checked anyway)")
+                   help="only reap the store's temp dirs older than this many seconds (default 3600; locks are checked "
+                        "anyway; the shared store's are judged by their publish lock alone)")
     p.add_argument("--budget", type=config.parse_bytes, metavar="BYTES",
                    help="then evict the least recently restored checkpoints until the store holds at most "
                         "BYTES (e.g. 200G; a checkpoint in use is kept)")
@@ -138,6 +139,18 @@ def run_gc(args: argparse.Namespace) -> int:
     for r in removed:
         print(f"removed {r}")
     print(f"gc: {len(removed)} removed")
+    if settings.shared_store.enabled:
+        from ..sharedfs import sweep_share  # noqa: PLC0415 - only a node with a shared store needs it
+
+        sw = sweep_share(settings)
+        for r in sw.removed:
+            print(f"removed {r}")
+        for r in sw.kept:
+            print(f"kept {r}: a publish in progress (its id's publish lock is held)")
+        for e in sw.errors:
+            print(f"warmstart gc: {e}", file=sys.stderr)
+        print(f"gc: {len(sw.removed)} removed from the shared store {settings.shared_store.path}"
+              + (f", {len(sw.kept)} kept (publishes in progress)" if sw.kept else ""))
     if args.budget is not None:
         ev = evict_to_budget(settings, args.budget)
         for r in ev.evicted:
