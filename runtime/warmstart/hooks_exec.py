@@ -83,7 +83,7 @@ def parse_timeout(value: str | None) -> int:
     return t
 
 
-def _http_in_netns(pid: int | None, action: Action, timeout: float) -> str:
+def _http_in_netns(pid: int | None, action: Action, timeout: float, source: str) -> str:
     """Do the request from inside the container's network namespace (nsrun's child does the setns)."""
     def request() -> bytes:
         u = urlsplit(action.url)
@@ -97,7 +97,7 @@ def _http_in_netns(pid: int | None, action: Action, timeout: float) -> str:
                     timeout_s=timeout + 1)
     if not out.ok:
         if out.error.startswith("timed out"):
-            raise HookError(f"{action.describe()} timed out after {timeout:g}s")
+            raise HookError(f"{action.describe()} timed out after {timeout:g}s ({source})")
         raise HookError(f"{action.describe()} failed: {out.error}")
     res = json.loads(out.data)
     if not res["ok"]:
@@ -105,7 +105,8 @@ def _http_in_netns(pid: int | None, action: Action, timeout: float) -> str:
     return str(res["msg"])
 
 
-def _exec(rc: runc.Runc, container_id: str, spec: dict[str, Any], action: Action, timeout: float) -> str:
+def _exec(rc: runc.Runc, container_id: str, spec: dict[str, Any], action: Action, timeout: float,
+          source: str) -> str:
     proc = dict(spec.get("process") or {})
     proc.update({"args": ["/bin/sh", "-c", action.command], "terminal": False})
     proc.pop("consoleSize", None)
@@ -114,7 +115,7 @@ def _exec(rc: runc.Runc, container_id: str, spec: dict[str, Any], action: Action
     try:
         p = rc.exec(container_id, Path(f.name), timeout)
     except subprocess.TimeoutExpired:
-        raise HookError(f"{action.describe()} timed out after {timeout:g}s") from None
+        raise HookError(f"{action.describe()} timed out after {timeout:g}s ({source})") from None
     finally:
         os.unlink(f.name)
     if p.returncode != 0:
@@ -124,8 +125,9 @@ def _exec(rc: runc.Runc, container_id: str, spec: dict[str, Any], action: Action
 
 
 def run(action: Action, rc: runc.Runc, container_id: str, spec: dict[str, Any], timeout: float,
-        pid: int | None = None) -> str:
-    """Run one action against the running container; its output on success, HookError otherwise."""
+        pid: int | None = None, timeout_source: str = "warmstart.dev/hook-timeout") -> str:
+    """Run one action against the running container; its output on success, HookError otherwise (a timeout's
+    names `timeout_source`: the annotation, or the create's budget that cut it)."""
     if action.kind == "http":
         own_netns = any(ns.get("type") == "network" for ns in (spec.get("linux") or {}).get("namespaces") or [])
         if pid is None and own_netns:
@@ -133,5 +135,5 @@ def run(action: Action, rc: runc.Runc, container_id: str, spec: dict[str, Any], 
             pid = int(st["pid"]) if st and st.get("pid") else None
             if not pid:
                 raise HookError(f"{action.describe()}: container {container_id} has no running process")
-        return _http_in_netns(pid if own_netns else None, action, timeout)
-    return _exec(rc, container_id, spec, action, timeout)
+        return _http_in_netns(pid if own_netns else None, action, timeout, timeout_source)
+    return _exec(rc, container_id, spec, action, timeout, timeout_source)
