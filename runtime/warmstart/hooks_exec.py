@@ -9,7 +9,8 @@ restore it takes it again.  Each annotation holds one action:
   [GET|POST] :PORT/PATH           same, on 127.0.0.1 of the container
   anything else                   a shell command run in the container (`runc exec`, `sh -c`)
 
-`warmstart.dev/hook-timeout` (seconds, default 60) bounds each.  A 2xx answer
+`warmstart.dev/hook-timeout` (seconds, default 60) bounds each; the post-restore hook runs inside
+the create and gets at most what is left of the node's create_budget_s (budget.py).  A 2xx answer
 or exit status 0 is success.  What failure means (docs/gpu.md):
   pre-dump fails  → no checkpoint; the stop goes on as plain runc (a half-slept
                     worker must not become the image every later pod restores)

@@ -232,7 +232,8 @@ class _Attempt:
         if (meta.get("dump") or {}).get("cuda"):
             self.budget.check("the CUDA restore")  # the driver's calls take no deadline: none starts past it
             with ph("cuda_restore"):
-                cs = cuda.restore_container(self.rc, self.c.id, meta, gpu.gpu_pairs(meta.get("gpu"), self.here_gpu))
+                cs = cuda.restore_container(self.rc, self.c.id, meta, gpu.gpu_pairs(meta.get("gpu"), self.here_gpu),
+                                            self.budget.limit(30, "runc ps").seconds, self.budget.check)
             ph.timings.update(cs.timings if cs else {})
         hooks = annotations.worker_hooks(self.spec.annotations)
         if hooks.post_restore is not None:  # e.g. vLLM wake_up; a failure is a failed restore (cold start)
