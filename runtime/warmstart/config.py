@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
+from . import budget
+
 DEFAULT_CONFIG = Path("/etc/warmstart/config.toml")
 # Where install.sh puts the launcher: the handler's BinaryName, and what demo/bench/doctor run.
 INSTALLED_RUNTIME = Path("/usr/local/bin/warmstart-runtime")
@@ -96,6 +98,10 @@ class Settings:
     # Seconds `runc restore` may take inside `create` before runc and CRIU are killed and the
     # container starts cold: below kubelet's runtimeRequestTimeout (2 min), with room for the cold start.
     restore_timeout_s: int = 90
+    # Seconds one opted-in create may take in all, from the runtime's start (budget.py): every wait on the
+    # restore path (fetch, pull, locks, runc restore, CUDA, the post-restore hook) gets at most what is left,
+    # less 10 s kept for the cold start; keep it below kubelet's runtime-request-timeout (2 min by default).
+    create_budget_s: int = budget.DEFAULT_S
     # Threads that read the pages of an eager restore (warmstart's CRIU patch): 0 = one per CPU
     # (at most 8), 1 = CRIU's own single-threaded reads.
     restore_read_threads: int = 0
@@ -176,6 +182,12 @@ def load(path: Path | None = None) -> Settings:
         elif key in _INT_KEYS:
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ConfigError(f"{path}: {key} must be a positive integer, got {val!r}")
+            values[key] = val
+        elif key == budget.KEY:
+            if not isinstance(val, int) or isinstance(val, bool) or not budget.MIN_S <= val <= budget.MAX_S:
+                raise ConfigError(f"{path}: {key} must be an integer from {budget.MIN_S} to {budget.MAX_S} (seconds "
+                                  f"for a whole create, {budget.RESERVE_S} of them kept for a cold start; below "
+                                  f"kubelet's runtime-request-timeout, 2 min by default), got {str(val)[:80]!r}")
             values[key] = val
         elif key in _COUNT_KEYS:
             if not isinstance(val, int) or isinstance(val, bool) or not 0 <= val <= 64:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 from . import annotations, createlock, dynamo_protocol, image_id, rootfs
+from .budget import CreateBudget
 from .config import Settings
 from .fileutil import write_json_atomic
 from .hooks import main as poststop_hook
@@ -109,6 +110,7 @@ class Container:
         self._st, self.bundle = state, bundle
         self._status: Status | None = None
         self.busy_fd: int | None = None  # StateDir.hold_busy's, when this process holds it
+        self.budget: CreateBudget | None = None  # a create's (new): what the waits of its restore may take
 
     @classmethod
     def of(cls, settings: Settings, rc: Runc, log: Logger, container_id: str) -> "Container":
@@ -148,7 +150,8 @@ class Container:
     # -- create -----------------------------------------------------------------
 
     @classmethod
-    def new(cls, settings: Settings, rc: Runc, log: Logger, b: Bundle) -> "Container":
+    def new(cls, settings: Settings, rc: Runc, log: Logger, b: Bundle,
+            budget: CreateBudget | None = None) -> "Container":
         """The container of a create (or a client's restore): its state dir made and held busy, not yet saved."""
         sd = StateDir(settings.state_dir, b.c.id)
         sd.create()
@@ -162,6 +165,7 @@ class Container:
                             image_fingerprint=image_id.fingerprint(rootfs_dir, settings.state_dir))
         ct = cls(settings, rc, log, sd, st, b)
         ct.busy_fd = busy
+        ct.budget = budget or CreateBudget.start(settings.create_budget_s)
         return ct
 
     def _bind(self) -> None:
@@ -199,14 +203,17 @@ class Container:
 
     def _fetch_missing(self, b: Bundle) -> Store | None:
         """No local checkpoint: copy it from the shared store, else pull it from the registry (as configured)."""
-        cid = b.policy.checkpoint_id
+        cid, budget = b.policy.checkpoint_id, self.budget
+        assert budget is not None
         if self.settings.shared_store.fetches_on_miss:
             from . import sharedfs  # noqa: PLC0415 - only with a [shared_store] path
-            if sharedfs.fetch_on_miss(self.settings, b.scope, cid):
+            wait = budget.limit(self.settings.shared_store.fetch_deadline_s, "fetch_deadline_s")
+            if sharedfs.fetch_on_miss(self.settings, b.scope, cid, wait.seconds, wait.source):
                 return locate(self.settings, b.scope, cid)
         if self.settings.registry.pulls_on_miss:
             from . import fleet  # noqa: PLC0415 - only with a [registry] repository
-            if fleet.pull_on_miss(self.settings, b.scope, cid):
+            wait = budget.limit(self.settings.registry.pull_deadline_s, "pull_deadline_s")
+            if fleet.pull_on_miss(self.settings, b.scope, cid, wait.seconds, wait.source):
                 return locate(self.settings, b.scope, cid)
         return None
 

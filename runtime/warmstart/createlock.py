@@ -16,7 +16,11 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import time
+from functools import partial
 from pathlib import Path
+
+from . import budget
 
 
 def path_for(state_dir: Path, runc_root: Path, container_id: str) -> Path:
@@ -32,16 +36,23 @@ def _same_file(fd: int, path: Path) -> bool:
         return False
 
 
-def hold(state_dir: Path, runc_root: Path, container_id: str) -> int:
+def hold(state_dir: Path, runc_root: Path, container_id: str, timeout_s: float | None = None) -> int | None:
     """Wait for the lock and take it; returns its fd, held until this process, or the runc it execs, exits.
+    None when another create still holds it after timeout_s (what is left of the create's budget).
 
     Never closed by the caller: closing any fd of the file would drop a POSIX lock."""
     path = path_for(state_dir, runc_root, container_id)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    end = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX)
+            if end is None:
+                fcntl.lockf(fd, fcntl.LOCK_EX)
+            elif not budget.lock_within(partial(fcntl.lockf, fd, fcntl.LOCK_EX | fcntl.LOCK_NB),
+                                        end - time.monotonic()):
+                os.close(fd)
+                return None
             if _same_file(fd, path):
                 os.set_inheritable(fd, True)  # across the exec into `runc create`
                 return fd

@@ -139,9 +139,9 @@ class Driver:
         self._check("cuCheckpointProcessUnlock", pid, self.lib.cuCheckpointProcessUnlock(pid, None))
 
 
-def container_pids(rc: runc.Runc, container_id: str) -> list[int]:
+def container_pids(rc: runc.Runc, container_id: str, timeout_s: float = 30) -> list[int]:
     """Host PIDs of every process of the container (`runc ps`; runc.RuncError when it fails)."""
-    return rc.ps(container_id)
+    return rc.ps(container_id, timeout_s)
 
 
 @dataclass
@@ -219,7 +219,7 @@ def undo(drv: Driver, s: CudaSession) -> list[str]:
 
 
 def restore_pids(drv: Driver, pids: list[int], gpu_pairs: list[tuple[str, str]] | None = None,
-                 expected: int | None = None) -> CudaSession:
+                 expected: int | None = None, before_each: Callable[[str], None] | None = None) -> CudaSession:
     """After `runc restore`: restore every process the driver reports as checkpointed, then unlock them all.
 
     A process unlocked while a peer is still checkpointed could start a collective whose other side
@@ -227,6 +227,8 @@ def restore_pids(drv: Driver, pids: list[int], gpu_pairs: list[tuple[str, str]] 
     unlocks does not matter (a locked process waits at the driver, not on a peer).  `expected` (the
     dump's count) is checked before anything is restored.  If a restore fails nothing is unlocked and
     CudaError is raised: the caller removes the restored container, none of its processes ran.
+    `before_each(what)` runs before each driver restore and may raise to stop there (the create's budget:
+    a driver call takes no deadline), with the same outcome.
     """
     s = CudaSession()
     states: dict[int, int] = {}
@@ -242,6 +244,8 @@ def restore_pids(drv: Driver, pids: list[int], gpu_pairs: list[tuple[str, str]] 
         raise RuntimeError(f"checkpoint holds {expected} CUDA process(es); {len(s.pids)} found in the restored container")
     for pid in s.pids:
         if states[pid] == CHECKPOINTED:
+            if before_each is not None:
+                before_each(f"the CUDA restore of pid {pid}")
             _timed(s.timings, "cuda_restore", lambda: drv.restore(pid, gpu_pairs))
             s.restored.append(pid)
     for pid in s.pids:
@@ -372,12 +376,15 @@ def checkpoint_container(rc: runc.Runc, container_id: str, spec: dict[str, Any],
 
 
 def restore_container(rc: runc.Runc, container_id: str, meta: dict[str, Any],
-                      gpu_pairs: list[tuple[str, str]] | None = None) -> CudaSession | None:
-    """After `runc restore`: restore, then unlock, the CUDA processes (new host PIDs, from the restored container)."""
+                      gpu_pairs: list[tuple[str, str]] | None = None, ps_timeout_s: float = 30,
+                      before_each: Callable[[str], None] | None = None) -> CudaSession | None:
+    """After `runc restore`: restore, then unlock, the CUDA processes (new host PIDs, from the restored container).
+    `ps_timeout_s` bounds finding them, `before_each` is restore_pids'."""
     dumped = (meta.get("dump") or {}).get("cuda") or {}
     if not dumped.get("processes"):
         return None
     drv = Driver.load()
     if drv is None:
         raise CudaError("dlopen libcuda.so.1", 0, -1, "libcuda not found on this node")
-    return restore_pids(drv, container_pids(rc, container_id), gpu_pairs, expected=dumped["processes"])
+    return restore_pids(drv, container_pids(rc, container_id, ps_timeout_s), gpu_pairs, expected=dumped["processes"],
+                        before_each=before_each)

@@ -109,9 +109,11 @@ def _try_flock(fd: int, how: int) -> bool:
         raise
 
 
-def pull_on_miss(settings: Settings, scope: str, cid: str, deadline_s: float | None = None) -> bool:
+def pull_on_miss(settings: Settings, scope: str, cid: str, deadline_s: float | None = None,
+                 deadline_source: str = "pull_deadline_s") -> bool:
     """`create` found no checkpoint `cid` for namespace `scope`: pull it from the registry, waiting at most
-    `deadline_s` (default [registry] pull_deadline_s).  True when the checkpoint is in the store.
+    `deadline_s` (default [registry] pull_deadline_s; `deadline_source` names what set it in the log line).
+    True when the checkpoint is in the store.
 
     False when no pull is configured, on any error (one log line, from the pull; the store unchanged),
     or at the deadline (one log line; the pull goes on for the next container).
@@ -126,7 +128,7 @@ def pull_on_miss(settings: Settings, scope: str, cid: str, deadline_s: float | N
         log.warning(f"pull from the registry not started: {e}; starting cold")
         return False
     return fetch_detached(OnMiss(settings, scope, cid, "pull", "fleet", "pull from the registry", f"pull of {ref}",
-                                 "pull_deadline_s", log),
+                                 deadline_source, log),
                           reg.pull_deadline_s if deadline_s is None else deadline_s)
 
 
@@ -142,7 +144,7 @@ class OnMiss:
     module: str
     source: str  # "pull from the registry"
     what: str  # "pull of REF"
-    deadline_key: str  # the config key of the deadline
+    deadline_key: str  # what set the deadline: its config key, or the create's budget
     log: Logger
 
 

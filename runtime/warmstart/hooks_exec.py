@@ -9,7 +9,8 @@ restore it takes it again.  Each annotation holds one action:
   [GET|POST] :PORT/PATH           same, on 127.0.0.1 of the container
   anything else                   a shell command run in the container (`runc exec`, `sh -c`)
 
-`warmstart.dev/hook-timeout` (seconds, default 60) bounds each.  A 2xx answer
+`warmstart.dev/hook-timeout` (seconds, default 60) bounds each; the post-restore hook runs inside
+the create and gets at most what is left of the node's create_budget_s (budget.py).  A 2xx answer
 or exit status 0 is success.  What failure means (docs/gpu.md):
   pre-dump fails  → no checkpoint; the stop goes on as plain runc (a half-slept
                     worker must not become the image every later pod restores)
@@ -83,7 +84,7 @@ def parse_timeout(value: str | None) -> int:
     return t
 
 
-def _http_in_netns(pid: int | None, action: Action, timeout: float) -> str:
+def _http_in_netns(pid: int | None, action: Action, timeout: float, source: str) -> str:
     """Do the request from inside the container's network namespace (nsrun's child does the setns)."""
     def request() -> bytes:
         u = urlsplit(action.url)
@@ -97,7 +98,7 @@ def _http_in_netns(pid: int | None, action: Action, timeout: float) -> str:
                     timeout_s=timeout + 1)
     if not out.ok:
         if out.error.startswith("timed out"):
-            raise HookError(f"{action.describe()} timed out after {timeout:g}s")
+            raise HookError(f"{action.describe()} timed out after {timeout:g}s ({source})")
         raise HookError(f"{action.describe()} failed: {out.error}")
     res = json.loads(out.data)
     if not res["ok"]:
@@ -105,7 +106,8 @@ def _http_in_netns(pid: int | None, action: Action, timeout: float) -> str:
     return str(res["msg"])
 
 
-def _exec(rc: runc.Runc, container_id: str, spec: dict[str, Any], action: Action, timeout: float) -> str:
+def _exec(rc: runc.Runc, container_id: str, spec: dict[str, Any], action: Action, timeout: float,
+          source: str) -> str:
     proc = dict(spec.get("process") or {})
     proc.update({"args": ["/bin/sh", "-c", action.command], "terminal": False})
     proc.pop("consoleSize", None)
@@ -114,7 +116,7 @@ def _exec(rc: runc.Runc, container_id: str, spec: dict[str, Any], action: Action
     try:
         p = rc.exec(container_id, Path(f.name), timeout)
     except subprocess.TimeoutExpired:
-        raise HookError(f"{action.describe()} timed out after {timeout:g}s") from None
+        raise HookError(f"{action.describe()} timed out after {timeout:g}s ({source})") from None
     finally:
         os.unlink(f.name)
     if p.returncode != 0:
@@ -124,8 +126,9 @@ def _exec(rc: runc.Runc, container_id: str, spec: dict[str, Any], action: Action
 
 
 def run(action: Action, rc: runc.Runc, container_id: str, spec: dict[str, Any], timeout: float,
-        pid: int | None = None) -> str:
-    """Run one action against the running container; its output on success, HookError otherwise."""
+        pid: int | None = None, timeout_source: str = "warmstart.dev/hook-timeout") -> str:
+    """Run one action against the running container; its output on success, HookError otherwise (a timeout's
+    names `timeout_source`: the annotation, or the create's budget that cut it)."""
     if action.kind == "http":
         own_netns = any(ns.get("type") == "network" for ns in (spec.get("linux") or {}).get("namespaces") or [])
         if pid is None and own_netns:
@@ -133,5 +136,5 @@ def run(action: Action, rc: runc.Runc, container_id: str, spec: dict[str, Any], 
             pid = int(st["pid"]) if st and st.get("pid") else None
             if not pid:
                 raise HookError(f"{action.describe()}: container {container_id} has no running process")
-        return _http_in_netns(pid if own_netns else None, action, timeout)
-    return _exec(rc, container_id, spec, action, timeout)
+        return _http_in_netns(pid if own_netns else None, action, timeout, timeout_source)
+    return _exec(rc, container_id, spec, action, timeout, timeout_source)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import NamedTuple, NoReturn
 
 from . import annotations, config, createlock, rootfs, runc, trust
+from .budget import KEY as BUDGET_KEY, CreateBudget
 from .container import Bundle, Container, Status
 from .log import Logger
 from .spec import Spec
@@ -52,8 +53,9 @@ def main(argv: list[str], sub_i: int) -> int:
         runc.exec_unchanged(runc_path, argv)
 
 
-def _opted_in(call: Call) -> Bundle:
-    """The bundle of an opted-in container; plain runc (exec, no return) when it did not opt in or opted in wrongly."""
+def _opted_in(call: Call, budget: CreateBudget | None = None) -> Bundle:
+    """The bundle of an opted-in container; plain runc (exec, no return) when it did not opt in or opted in wrongly
+    (or, with a `budget`, when another create of the id holds its lock past the budget)."""
     c = runc.CreateArgs.parse(call.rest)
     log = call.log
     log.context = {"container": c.id}
@@ -71,7 +73,12 @@ def _opted_in(call: Call) -> Bundle:
     if policy is None:
         call.passthrough()
     # held until runc has the id (createlock.py): another create of it waits here, then sees it below
-    createlock.hold(call.settings.state_dir, call.runc.root, c.id)
+    if createlock.hold(call.settings.state_dir, call.runc.root, c.id, budget and budget.left()) is None:
+        assert budget is not None
+        # the create holding it is stuck past its own budget: runc's own create decides, as for a plain one
+        log.warning(f"another create of {c.id} still holds its create lock after {budget.elapsed():.0f}s "
+                    f"({BUDGET_KEY} = {budget.total_s:g} in the config); passing the call to runc unchanged")
+        call.passthrough()
     if os.path.lexists(call.runc.root / c.id):
         # runc already has this id: its own create fails as it should, and nothing of warmstart's
         # (state dir, restore, a failed restore's cleanup) may touch the container that holds it
@@ -83,8 +90,9 @@ def _opted_in(call: Call) -> Bundle:
 
 
 def create(call: Call) -> int:
-    b = _opted_in(call)
-    return Container.new(call.settings, call.runc, call.log, b).create(call.argv)
+    budget = CreateBudget.start(call.settings.create_budget_s)  # counted from this process's start
+    b = _opted_in(call, budget)
+    return Container.new(call.settings, call.runc, call.log, b, budget).create(call.argv)
 
 
 def client_restore(call: Call) -> int:

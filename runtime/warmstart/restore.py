@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import annotations, criu, cuda, gpu, lazy, mounts, nsrun, procfs, rootfs, runc, trust, versions
+from .budget import KEY as BUDGET_KEY, BudgetSpent, CreateBudget
 from .config import Settings
 from .log import Logger, keep_criu_log
 from .phases import Phases
@@ -89,16 +90,22 @@ def restore(ct: Container, store: Store) -> RestoreResult:
     if q.get("quarantined"):
         return RestoreResult(False, f"checkpoint {cid} is quarantined after {q.get('failures')} failed restores "
                                     f"(last: {q.get('last_error')}); clear with `warmstart verify --clear {cid}`")
-    with store.lock(cid, exclusive=False, blocking=True):  # gc/remove wait; other restores share
-        return _Attempt(ct, store, quarantine, owner).run()
+    budget = ct.budget
+    assert budget is not None
+    with store.lock(cid, exclusive=False, blocking=True, timeout_s=budget.left()) as held:  # gc/remove wait
+        if not held:
+            return RestoreResult(False, f"checkpoint {cid} still locked by gc or remove after {budget.elapsed():.0f}s "
+                                        f"of the create ({BUDGET_KEY} = {budget.total_s:g} in the config)")
+        return _Attempt(ct, store, quarantine, owner, budget).run()  # other restores share the lock
 
 
 class _Attempt:
     """One restore attempt, and what it did so far: a failure undoes exactly that."""
 
-    def __init__(self, ct: Container, store: Store, quarantine: Store, owner: str | None) -> None:
+    def __init__(self, ct: Container, store: Store, quarantine: Store, owner: str | None,
+                 budget: CreateBudget) -> None:
         assert ct.bundle is not None
-        self.ct, self.store, self.quarantine, self.owner = ct, store, quarantine, owner
+        self.ct, self.store, self.quarantine, self.owner, self.budget = ct, store, quarantine, owner, budget
         self.c, self.spec, self.log = ct.bundle.c, ct.bundle.view, ct.log
         self.cid = ct.st.checkpoint_id
         self.ph = Phases()
@@ -117,6 +124,7 @@ class _Attempt:
             why = self._check()
             if why:
                 return RestoreResult(False, f"checkpoint {cid} refused: {why}", ph.timings)
+            self.budget.check("the rootfs diff")
             self._prepare()
             pid = self._restore()
             self._revive(pid)
@@ -131,6 +139,9 @@ class _Attempt:
             # runc made nothing: its state, the cgroup's processes and the pid file are the other create's
             self._undo_rootfs()
             return RestoreResult(False, f"restore from {cid} not attempted: {e}", ph.timings, id_taken=True)
+        except BudgetSpent as e:  # the create's deadline, not the checkpoint's fault: no quarantine count
+            self._cleanup()
+            return RestoreResult(False, f"restore from {cid} abandoned: {e}", ph.timings)
         except (CheckpointError, rootfs.RootfsError, WorkerHookFailed) as e:
             self._cleanup()
             what = "restore from" if isinstance(e, WorkerHookFailed) else "checkpoint"
@@ -194,7 +205,7 @@ class _Attempt:
                                    no_subreaper=True, lsm_profile=trust.lsm_profile(self.spec))
             watch = runc.CriuGoneWatch()
             run = runc.RestoreRun(ct.settings.restore_timeout_s, criu.restore_env(ct.settings.restore_read_threads),
-                                  watch, self.stdio)
+                                  watch, self.stdio, self.budget)
             p, how = lazy.run_restore(self.rc, self.c.id, opts, run, ckpt.path, self.spec.raw, self.log)
         self.log.context["restore_mode"] = how
         # runc's own refusal, before it ran CRIU: CRIU's log may quote the container's own file names
@@ -219,15 +230,20 @@ class _Attempt:
         with ph("hostname"):
             _fix_hostname(pid, self.hostname)
         if (meta.get("dump") or {}).get("cuda"):
+            self.budget.check("the CUDA restore")  # the driver's calls take no deadline: none starts past it
             with ph("cuda_restore"):
-                cs = cuda.restore_container(self.rc, self.c.id, meta, gpu.gpu_pairs(meta.get("gpu"), self.here_gpu))
+                cs = cuda.restore_container(self.rc, self.c.id, meta, gpu.gpu_pairs(meta.get("gpu"), self.here_gpu),
+                                            self.budget.limit(30, "runc ps").seconds, self.budget.check)
             ph.timings.update(cs.timings if cs else {})
         hooks = annotations.worker_hooks(self.spec.annotations)
         if hooks.post_restore is not None:  # e.g. vLLM wake_up; a failure is a failed restore (cold start)
+            self.budget.check("the post-restore hook")
+            wait = self.budget.limit(hooks.timeout_s, annotations.HOOK_TIMEOUT)
             with ph("post_restore_hook"):
                 from . import hooks_exec  # noqa: PLC0415 - http.client and friends: only when used
                 try:
-                    hooks_exec.run(hooks.post_restore, self.rc, self.c.id, self.spec.raw, hooks.timeout_s, pid=pid)
+                    hooks_exec.run(hooks.post_restore, self.rc, self.c.id, self.spec.raw, wait.seconds, pid=pid,
+                                   timeout_source=wait.source)
                 except Exception as e:  # noqa: BLE001 - the worker's own hook: not the checkpoint's fault
                     raise WorkerHookFailed(f"post-restore hook failed: {e}") from e
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, NoReturn
 
 from . import procfs
+from .budget import CreateBudget, Limit
 from .launch import VALUE_FLAGS
 
 
@@ -215,8 +216,8 @@ def _free_fds(n: int) -> int:
 
 
 def run_bounded(runc: Path, argv: list[str], timeout: float, env: dict[str, str] | None = None,
-                watch: Callable[[int], None] | None = None,
-                stdio: StdioHandOff | None = None) -> subprocess.CompletedProcess:
+                watch: Callable[[int], None] | None = None, stdio: StdioHandOff | None = None,
+                timeout_source: str = "restore_timeout_s in the config") -> subprocess.CompletedProcess:
     """Run runc in its own process group; past the deadline, kill the whole group.
 
     `runc restore` waits on CRIU's forked restore worker and the two can wait on
@@ -224,7 +225,8 @@ def run_bounded(runc: Path, argv: list[str], timeout: float, env: dict[str, str]
     behind.  The restored tasks are not in this group (CRIU gives them their
     dumped session and group): they are killed as runc's children.  `watch` is
     called with runc's pid every WATCH_TICK_S while it runs (see CriuGoneWatch).
-    stdio is inherited, or with `stdio` handed off (StdioHandOff).
+    stdio is inherited, or with `stdio` handed off (StdioHandOff).  `timeout_source` (what set the
+    deadline) ends the Timeout's message.
     """
     if stdio is None:
         p = subprocess.Popen([str(runc)] + argv, process_group=0, env=env)
@@ -243,7 +245,7 @@ def run_bounded(runc: Path, argv: list[str], timeout: float, env: dict[str, str]
             pass
         p.wait()
         raise Timeout(f"runc {argv[len(argv) - 1] if argv else ''}: killed after {timeout:.0f}s "
-                      "(restore_timeout_s in the config)") from None
+                      f"({timeout_source})") from None
 
 
 WATCH_TICK_S = 0.05
@@ -364,11 +366,21 @@ class RestoreOpts:
 
 @dataclass(frozen=True)
 class RestoreRun:
-    """How a `runc restore` runs (run_bounded): its deadline, environment, CRIU watch and stdio hand-off."""
+    """How a `runc restore` runs (run_bounded): its deadline (cut to what is left of the create's `budget`
+    at each attempt: a lazy one, then an eager one), environment, CRIU watch and stdio hand-off."""
     timeout_s: float
     env: dict[str, str] | None = None
     watch: CriuGoneWatch | None = None
     stdio: StdioHandOff | None = None
+    budget: CreateBudget | None = None
+
+    def limit(self) -> Limit:
+        """This attempt's deadline; budget.BudgetSpent when nothing is left of the create's budget to start it."""
+        own = "restore_timeout_s in the config"
+        if self.budget is None:
+            return Limit(self.timeout_s, own)
+        self.budget.check("runc restore")
+        return self.budget.limit(self.timeout_s, own)
 
 
 def exec_unchanged(path: Path | str, argv: list[str]) -> NoReturn:
@@ -447,8 +459,9 @@ class Runc:
 
     def restore(self, container_id: str, opts: RestoreOpts, run: RestoreRun) -> subprocess.CompletedProcess:
         """`runc restore`, bounded (run_bounded): Timeout past run.timeout_s, with runc and its CRIU killed."""
-        cmd = self.restore_command(container_id, opts)
-        return run_bounded(Path(cmd[0]), cmd[1:], run.timeout_s, env=run.env, watch=run.watch, stdio=run.stdio)
+        cmd, limit = self.restore_command(container_id, opts), run.limit()
+        return run_bounded(Path(cmd[0]), cmd[1:], limit.seconds, env=run.env, watch=run.watch, stdio=run.stdio,
+                           timeout_source=limit.source)
 
     def discard_failed_restore(self, container_id: str) -> list[str]:
         """Remove what a failed `runc restore` left in runc's state dir, never through a mount; returns notes to log.

@@ -473,9 +473,11 @@ def _copy_in(src_dir: Path, tfd: int, name: str) -> int:
 
 # -- the automatic paths ---------------------------------------------------------
 
-def fetch_on_miss(settings: Settings, scope: str, cid: str, deadline_s: float | None = None) -> bool:
+def fetch_on_miss(settings: Settings, scope: str, cid: str, deadline_s: float | None = None,
+                  deadline_source: str = "fetch_deadline_s") -> bool:
     """`create` found no checkpoint `cid` for namespace `scope`: fetch it from the share, waiting at most
-    `deadline_s` (default [shared_store] fetch_deadline_s).  True when the checkpoint is in the store.
+    `deadline_s` (default [shared_store] fetch_deadline_s; `deadline_source` names what set it in the log
+    line).  True when the checkpoint is in the store.
 
     Like the registry's pull_on_miss (fleet.fetch_detached): one detached fetch per key on the node, going
     on past the deadline for the next container; any refusal is one log line and the store unchanged.
@@ -484,7 +486,7 @@ def fetch_on_miss(settings: Settings, scope: str, cid: str, deadline_s: float | 
     if not cfg.fetches_on_miss:
         return False
     m = OnMiss(settings, scope, cid, "fetch", "sharedfs", "fetch from the shared store",
-               f"fetch of {cfg.path}/{scope}/{cid}", "fetch_deadline_s", _logger(settings, scope, cid))
+               f"fetch of {cfg.path}/{scope}/{cid}", deadline_source, _logger(settings, scope, cid))
     return fetch_detached(m, cfg.fetch_deadline_s if deadline_s is None else deadline_s)
 
 

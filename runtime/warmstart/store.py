@@ -27,10 +27,12 @@ import stat
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import budget
 from .ids import validate_id
 from .config import Settings
 from .phases import Phases
@@ -108,14 +110,17 @@ class Store:
 
     # -- locks ----------------------------------------------------------------
     @contextmanager
-    def lock(self, cid: str, exclusive: bool = True, blocking: bool = False) -> Iterator[bool]:
-        """Yields True when the lock is held, False when someone else holds it (non-blocking).
+    def lock(self, cid: str, exclusive: bool = True, blocking: bool = False,
+             timeout_s: float | None = None) -> Iterator[bool]:
+        """Yields True when the lock is held, False when someone else holds it (non-blocking, or still
+        after timeout_s when blocking with one).
 
         `remove` and `gc` unlink a lock file while holding it exclusively; whoever was waiting on
         the old file then holds a lock nobody else can see, so a lock counts only while its file is
         still the one at the path (else it is taken again on the new file).
         """
         lock_path = self.root / ".locks" / f"{validate_id(cid)}.lock"
+        end = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             try:
                 self.ensure()
@@ -131,7 +136,12 @@ class Store:
             try:
                 flags = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
                 try:
-                    fcntl.flock(fd, flags | (0 if blocking else fcntl.LOCK_NB))
+                    if blocking and end is not None:
+                        if not budget.lock_within(partial(fcntl.flock, fd, flags | fcntl.LOCK_NB),
+                                                  end - time.monotonic()):
+                            raise BlockingIOError
+                    else:
+                        fcntl.flock(fd, flags | (0 if blocking else fcntl.LOCK_NB))
                 except BlockingIOError:
                     yield False
                     return

@@ -9,11 +9,14 @@ container's process is still `runc init`, so any process running the workload is
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from warmstart import createlock
 from reliability_lib import (RNode, ann, shim, assert_clean, count, make_checkpoint, rootfs_listing, start_ready,
                              tagged_pids, write_criu_wrapper)
 
@@ -215,6 +218,34 @@ def test_restore_past_its_deadline_is_killed_and_starts_cold(node):
     assert not sleeping, f"the hung CRIU survived: {sleeping}"
     count("faults.restore")
     assert_clean(node, before, "after a restore timed out")
+
+
+def test_a_restore_after_a_wait_is_cut_at_the_create_budget_and_starts_cold(node):
+    """The waits of one create add up (here: 4 s on the create lock another create of the id holds, then a
+    restore that hangs): the hung restore is killed at what is left of create_budget_s, not at its own
+    restore_timeout_s, so the cold start still ends inside the budget (kubelet's 2 minutes on a node)."""
+    write_criu_wrapper(node)
+    dumped = make_checkpoint(node, "late", size=BIG)
+    before = node.snapshot()
+    node.set_config(restore_timeout_s=60, create_budget_s=20)  # 10 s of the 20 kept for the cold start
+    (node.bin / "criu-sleep-swrk").write_text("60")
+    c_id = node.name("cut")
+    held = createlock.hold(node.base / "state", node.root, c_id)  # as another create of the id would
+    assert held is not None
+    threading.Timer(4, os.close, [held]).start()
+    t = time.monotonic()
+    msgs = cold_after_failed_restore(node, "cut", "late", dumped, "what was left of create_budget_s = 20")
+    took = time.monotonic() - t
+    rec = next(r for r in node.runtime_log()
+               if r.get("container") == c_id and r.get("msg", "").startswith("cold start:"))
+    print(f"create to cold workload {took:.1f}s, restore phase {rec['phases']['restore']:.1f}s: {rec['msg'][:240]}")
+    assert rec["phases"]["restore"] < 8, f"the restore ran past what the lock wait left of the budget: {msgs}"
+    assert 4 <= took < 30, f"create {took:.1f}s: not cut at the budget"
+    assert not any("restore_timeout_s" in m for m in msgs), msgs
+    sleeping = subprocess.run(["pgrep", "-f", f"{node.bin}/criu"], capture_output=True, text=True).stdout.split()
+    assert not sleeping, f"the hung CRIU survived: {sleeping}"
+    count("faults.restore")
+    assert_clean(node, before, "after the create budget cut a restore")
 
 
 def test_criu_killed_while_the_restored_root_holds_the_swrk_socket(node):

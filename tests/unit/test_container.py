@@ -7,17 +7,20 @@ checks that need CRIU images (open_verified, refusal, the mount plan).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from warmstart import annotations, container, restore, signing
-from warmstart.config import Settings
+from warmstart import annotations, container, fleet, restore, signing
+from warmstart.budget import CreateBudget, Limit
+from warmstart.config import RegistrySettings, Settings
 from warmstart.container import Bundle, Container, IllegalTransition, Status
 from warmstart.dump import DumpOutcome
 from warmstart.log import Logger
@@ -52,6 +55,7 @@ class FakeRunc:
     restore_error: str = ""  # written to the restore's runc log, as runc logs its error
     log: Path | None = None
     calls: list[tuple[str, str]] = field(default_factory=list)
+    deadlines: list[Limit | float] = field(default_factory=list)  # each restore's and exec's, as runc would get it
     g: GlobalOpts = field(default_factory=GlobalOpts)
     criu: Path = Path("/nonexistent/criu")
 
@@ -64,6 +68,7 @@ class FakeRunc:
 
     def restore(self, container_id: str, opts: RestoreOpts, run: RestoreRun) -> subprocess.CompletedProcess:
         self.calls.append(("restore", container_id))
+        self.deadlines.append(run.limit())
         if self.restore_code == 0 and opts.of.pid_file:
             Path(opts.of.pid_file).write_text("999999999")  # no such process: nothing may act on it
         if self.restore_error and self.log is not None:
@@ -76,6 +81,7 @@ class FakeRunc:
 
     def exec(self, container_id: str, process: Path, timeout: float) -> subprocess.CompletedProcess:
         self.calls.append(("exec", container_id))
+        self.deadlines.append(timeout)
         return done(self.exec_code, "hook said no")
 
     def state(self, container_id: str) -> dict | None:
@@ -253,6 +259,65 @@ def test_rootfs_diff_undone_when_the_restore_fails(settings, fake, tmp_path, che
     with pytest.raises(Passthrough):
         ct.create(["create", CTR])
     assert undone == [Path(ct.st.rootfs)]
+
+
+# -- the create's budget (budget.py): every wait of the restore cut to what is left --------------
+
+def gone(ct: Container, seconds: float) -> Container:
+    """As if `seconds` of the create had gone already (a slow pull, a lock wait)."""
+    ct.budget = CreateBudget(100, time.monotonic() - seconds)
+    return ct
+
+
+def runtime_msgs(settings: Settings) -> list[str]:
+    return [json.loads(line)["msg"] for line in (settings.log_dir / "runtime.log").read_text().splitlines()]
+
+
+def test_the_restore_gets_its_own_deadline_when_the_budget_has_room(settings, fake, tmp_path, checkpoint):
+    settings = dataclasses.replace(settings, restore_timeout_s=60)
+    assert new(settings, fake, tmp_path).create(["create", CTR]) == 0
+    assert fake.deadlines == [Limit(60, "restore_timeout_s in the config")]
+
+
+def test_the_restore_after_a_slow_pull_gets_only_what_is_left(settings, fake, tmp_path, checkpoint):
+    """30 s gone (pull_deadline_s) + restore_timeout_s 90 would end past kubelet's 2 minutes: the restore
+    gets 100 - 10 (kept for the cold start) - 30 = 60 s, and its timeout names the budget."""
+    gone(new(settings, fake, tmp_path), 30).create(["create", CTR])
+    (limit,) = fake.deadlines
+    assert isinstance(limit, Limit) and 59 < limit.seconds <= 60 and "create_budget_s = 100" in limit.source
+
+
+def test_a_spent_budget_abandons_the_restore_uncounted_and_starts_cold(settings, fake, tmp_path, checkpoint):
+    ct = gone(new(settings, fake, tmp_path), 91)
+    with pytest.raises(Passthrough) as e:
+        ct.create(["create", "--bundle", "b", CTR])
+    assert e.value.argv == ["create", "--bundle", "b", CTR]
+    assert "restore" not in fake.verbs(), "no runc restore started past the budget"
+    assert checkpoint.failures() == 0, "the create's deadline is not the checkpoint's fault"
+    assert any(m.startswith(f"cold start: restore from {CID} abandoned: create_budget_s = 100 in the config spent")
+               for m in runtime_msgs(settings)), runtime_msgs(settings)
+
+
+def test_the_post_restore_hook_gets_only_what_is_left(settings, fake, tmp_path, checkpoint):
+    ct = gone(new(settings, fake, tmp_path, extra={"warmstart.dev/post-restore": "wake-up",
+                                                   "warmstart.dev/hook-timeout": "600"}), 80)
+    assert ct.create(["create", CTR]) == 0
+    restore_limit, hook_s = fake.deadlines
+    assert isinstance(hook_s, float) and 9 < hook_s <= 10, "the pod's 600 s cut to the 10 s left"
+
+
+def test_a_pull_on_a_miss_gets_only_what_is_left(settings, fake, tmp_path, monkeypatch):
+    waits: list[tuple[float, str]] = []
+    monkeypatch.setattr(container, "locate", lambda *a: None)
+    monkeypatch.setattr(fleet, "pull_on_miss", lambda s, scope, cid, wait, source: waits.append((wait, source)))
+    pulling = dataclasses.replace(settings, registry=RegistrySettings(repository="registry.local:5000/ws/ckpt"))
+    with pytest.raises(Passthrough):
+        gone(new(pulling, fake, tmp_path), 0).create(["create", CTR])
+    with pytest.raises(Passthrough):
+        gone(new(pulling, fake, tmp_path), 75).create(["create", CTR])
+    (own, own_source), (cut, cut_source) = waits
+    assert own == 30 and own_source == "pull_deadline_s"
+    assert 14 < cut <= 15 and cut_source.startswith("what was left of create_budget_s")
 
 
 # -- dump: on stop and once ready ----------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from warmstart import cuda, runc
+from warmstart.budget import BudgetSpent
 from warmstart.spec import Spec
 
 SRC = Path(__file__).parent / "fixtures" / "fake_libcuda.c"
@@ -96,6 +97,23 @@ def test_a_failed_restore_unlocks_nothing(drv):
     assert "unlock" not in calls(d) and "restore:104" not in calls(d)
     assert d.state(100) == cuda.LOCKED, "restored but held: the caller removes the container, nothing ran"
     assert d.state(102) == d.state(104) == cuda.CHECKPOINTED
+
+
+def test_a_spent_create_budget_stops_between_processes_and_unlocks_nothing(drv):
+    """A driver restore takes no deadline: the create's budget is checked before each, and stops as a failure does."""
+    d = drv("100,102,104")
+    cuda.checkpoint_pids(d, [100, 102, 104])
+    d.lib.fake_clear_log()
+    asked: list[str] = []
+
+    def before_each(what: str) -> None:
+        asked.append(what)
+        if len(asked) == 2:
+            raise BudgetSpent(f"create_budget_s = 100 in the config spent before {what}")
+    with pytest.raises(BudgetSpent, match="before the CUDA restore of pid 102"):
+        cuda.restore_pids(d, [100, 102, 104], before_each=before_each)
+    assert calls(d) == "restore:100", "no driver restore past the budget, and nothing unlocked"
+    assert d.state(100) == cuda.LOCKED and d.state(102) == d.state(104) == cuda.CHECKPOINTED
 
 
 def test_a_missing_process_is_found_before_anything_is_restored(drv):

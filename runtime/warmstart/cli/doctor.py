@@ -107,6 +107,35 @@ def check_config():
     return settings, [ok("config", f"loaded ({where})")]
 
 
+KUBELET_REQUEST_S = 120  # kubelet's default --runtime-request-timeout: containerd's create must end inside it
+
+
+def check_create_budget(settings) -> tuple:
+    """The waits a create may make before its cold start, summed against create_budget_s (budget.py)."""
+    from warmstart import budget  # noqa: PLC0415
+
+    waits = {"restore_timeout_s": settings.restore_timeout_s}
+    if settings.shared_store.fetches_on_miss:
+        waits["shared_store.fetch_deadline_s"] = settings.shared_store.fetch_deadline_s
+    if settings.registry.pulls_on_miss:
+        waits["registry.pull_deadline_s"] = settings.registry.pull_deadline_s
+    room = settings.create_budget_s - budget.RESERVE_S
+    terms = " + ".join(f"{k} {v}" for k, v in waits.items())
+    hook = "a pod's post-restore hook (warmstart.dev/hook-timeout, 60 s by default) comes on top"
+    most = KUBELET_REQUEST_S - 2 * budget.RESERVE_S  # containerd and the shim need their own time around ours
+    if settings.create_budget_s > most:
+        return warn("config.create_budget", f"{budget.KEY} = {settings.create_budget_s}: a create may run past "
+                    f"kubelet's default runtime-request-timeout ({KUBELET_REQUEST_S} s) and fail the pod",
+                    f"lower {budget.KEY} to {most} or less, or raise kubelet's --runtime-request-timeout with it")
+    if sum(waits.values()) > room:
+        return warn("config.create_budget", f"{terms} = {sum(waits.values())} s exceeds the {room} s that "
+                    f"{budget.KEY} = {settings.create_budget_s} leaves for them ({budget.RESERVE_S} s kept for a cold "
+                    f"start): the later waits get only what is left; {hook}",
+                    f"lower the deadlines, or raise {budget.KEY} if kubelet's --runtime-request-timeout allows")
+    return ok("config.create_budget", f"{terms} = {sum(waits.values())} s fits the {room} s of {budget.KEY} = "
+              f"{settings.create_budget_s} ({budget.RESERVE_S} s kept for a cold start); {hook}, cut to what is left")
+
+
 def criu_checks(criu: Path, label="criu"):
     out = []
     if not criu.exists():
@@ -532,6 +561,7 @@ def collect(args) -> list[Result]:
     if settings is None:
         from warmstart.config import Settings  # noqa: PLC0415 - continue with defaults
         settings = Settings()
+    results.append(check_create_budget(settings))
     results += criu_checks(settings.criu)
     if settings.criu.exists():
         results.append(check_parallel_reads(settings))

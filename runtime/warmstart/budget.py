@@ -1,0 +1,96 @@
+"""One deadline for a whole opted-in `create`: each wait on the restore path gets at most what is left of it.
+
+Why: kubelet gives containerd's CreateContainer 2 minutes (its runtime-request-timeout), and the cold
+start a failed restore promises must fit in them too.  Each wait has its own bound (fetch_deadline_s,
+pull_deadline_s, restore_timeout_s, warmstart.dev/hook-timeout, ...), right alone but not summed: a slow
+pull then a hung restore (30 + 90 s) filled the whole window and the pod failed.  `create_budget_s` is
+measured from the runtime's own start; RESERVE_S of it is kept for the cleanup of an abandoned restore
+and the cold `runc create`, and every wait gets min(its own bound, what is left).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+KEY = "create_budget_s"
+DEFAULT_S = 100
+RESERVE_S = 10  # kept back for a failed restore's cleanup and the cold `runc create` after it
+MIN_S = RESERVE_S + 5
+MAX_S = 3600
+POLL_S = 0.05
+
+
+class BudgetSpent(Exception):
+    """Nothing is left of the create's budget for the next step of the restore: abandon it, start cold."""
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One wait's bound: its seconds, and what set them, as its log line names it."""
+    seconds: float
+    source: str  # "restore_timeout_s in the config", or the budget's phrase
+
+    @property
+    def by_budget(self) -> bool:
+        return self.source.startswith(f"what was left of {KEY}")
+
+
+def process_age_s(stat: Path = Path("/proc/self/stat")) -> float:
+    """Seconds since this process began (the shim's exec of the runtime): the interpreter's start counts too."""
+    try:
+        start_ticks = int(stat.read_bytes().rsplit(b")", 1)[1].split()[19])  # field 22, starttime
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+@dataclass(frozen=True)
+class CreateBudget:
+    total_s: float
+    started: float  # time.monotonic() at the start of create
+    reserve_s: float = RESERVE_S
+
+    @classmethod
+    def start(cls, total_s: float) -> "CreateBudget":
+        """The budget of this process's create, counted from the process's start."""
+        return cls(total_s, time.monotonic() - process_age_s())
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def left(self) -> float:
+        """Seconds the restore path may still wait (the reserve excluded); 0 when spent."""
+        return max(0.0, self.total_s - self.reserve_s - self.elapsed())
+
+    def limit(self, own_s: float, own_source: str) -> Limit:
+        """min(own_s, what is left), named by whichever is smaller."""
+        left = self.left()
+        if own_s <= left:
+            return Limit(own_s, own_source)
+        return Limit(left, f"what was left of {KEY} = {self.total_s:g} in the config, "
+                           f"{self.reserve_s:g}s of it kept for a cold start")
+
+    def check(self, before: str) -> None:
+        """BudgetSpent when nothing is left for the step `before` names."""
+        if self.left() <= 0:
+            raise BudgetSpent(f"{KEY} = {self.total_s:g} in the config spent before {before} "
+                              f"({self.reserve_s:g}s of it kept for a cold start)")
+
+
+def lock_within(lock_nb: Callable[[], object], timeout_s: float) -> bool:
+    """Retry `lock_nb` (a non-blocking flock/lockf call) until it takes the lock or timeout_s passes: whether it did."""
+    end = time.monotonic() + timeout_s
+    while True:
+        try:
+            lock_nb()
+            return True
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):  # EWOULDBLOCK is EAGAIN; lockf may say EACCES
+                raise
+        if time.monotonic() >= end:
+            return False
+        time.sleep(POLL_S)
