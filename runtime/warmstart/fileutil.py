@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,77 @@ def fsync_path(path: Path, directory: bool = False) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class WriteBehind:
+    """Starts the disk on a directory's files while they are still being written, so that the fsync after
+    them waits only for the tail.
+
+    A dump's CRIU writes into the page cache at 1.5 GB/s, and the kernel's own write-back begins only at
+    vm.dirty_background_ratio (10 % of memory: 12 GB on a 128 GiB GPU node): without this the disk sat idle
+    until the publish's fsync.  Every TICK_S the bytes each regular file gained are handed to the disk with
+    sync_file_range(SYNC_FILE_RANGE_WRITE), which only starts write-back, never waits for it.  Entries
+    are opened O_NOFOLLOW | O_NONBLOCK and must be regular files: the directory is root's, but its file
+    names are CRIU's.  Best effort: any error leaves that file to the fsync."""
+
+    TICK_S = 0.2
+    SYNC_FILE_RANGE_WRITE = 2
+
+    def __init__(self, directory: Path, syscall: Any = None) -> None:
+        import threading  # noqa: PLC0415 - only a dump writes behind
+
+        self.dir = directory
+        self._sync = syscall or _sync_file_range()
+        self._done: dict[str, int] = {}  # name -> bytes handed to the disk so far
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="write-behind", daemon=True)
+        self.started_bytes = 0
+
+    def __enter__(self) -> "WriteBehind":
+        if self._sync is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.TICK_S):
+            self.tick()
+
+    def tick(self) -> None:
+        try:
+            entries = list(os.scandir(self.dir))
+        except OSError:
+            return
+        for e in entries:
+            try:
+                fd = os.open(e.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                st = os.fstat(fd)
+                done = self._done.get(e.name, 0)
+                if stat.S_ISREG(st.st_mode) and st.st_size > done:
+                    self._sync(fd, done, st.st_size - done, self.SYNC_FILE_RANGE_WRITE)
+                    self._done[e.name] = st.st_size
+                    self.started_bytes += st.st_size - done
+            finally:
+                os.close(fd)
+
+
+def _sync_file_range() -> Any:
+    """libc's sync_file_range(fd, offset, nbytes, flags), or None where there is none (write-behind off)."""
+    import ctypes  # noqa: PLC0415
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    return fn
 
 
 def sha256_file(path: Path) -> str:
