@@ -429,7 +429,10 @@ class GpuBench:
             raise RuntimeError(f"no checkpoint from the cold {v.name} worker: "
                                f"{bench.runtime_log(self.node, b.id, '').get('msg', '')}")
         meta = json.loads(meta_p.read_text())
-        v.dump_phases.append({**meta["dump"]["phases"], "cuda": meta["dump"].get("cuda")})
+        # the log line's phases end with `publish` (hash, fsync, seal), which the metadata cannot hold
+        logged = bench.runtime_log(self.node, b.id, "checkpointed on stop").get("phases") or {}
+        v.dump_phases.append({**meta["dump"]["phases"], **({"publish": logged["publish"]} if "publish" in logged else {}),
+                              "cuda": meta["dump"].get("cuda")})
         v.image_bytes = sum(f.stat().st_size for f in image_files(self.node.store / v.ckpt_id))
         v.add("image_bytes", v.image_bytes)
 
