@@ -84,6 +84,15 @@ def plan(image_dir: Path, spec: dict[str, Any], proc_root: Path = Path("/proc"),
     return plan_entries(entries, spec, proc_root)
 
 
+def prime(image_dir: Path, cache: Path, key: str) -> None:
+    """Fill `plan`'s cache for a checkpoint just sealed, so that its first restore decodes nothing;
+    an unreadable image is left for `plan` to refuse."""
+    try:
+        _store_entries(cache, key, criu.mount_entries(image_dir))
+    except Exception:  # noqa: BLE001 - only a cache: plan() reads the images itself and says why
+        pass
+
+
 def _cached_entries(cache: Path, key: str) -> list[dict[str, Any]] | None:
     try:
         data = json.loads(cache.read_text())

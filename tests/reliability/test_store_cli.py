@@ -1,6 +1,7 @@
 """`warmstart list`, `remove` and `gc` agree on what exists, and leave nothing of an id behind (issue 12, item 3)."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -45,3 +46,22 @@ def test_remove_of_a_used_checkpoint_leaves_no_seal_cache_or_lock(node: RNode):
     assert not leftovers(node, "used"), leftovers(node, "used")
     assert node.warmstart("gc", "--min-age", "0").returncode == 0
     assert listed(node) == {}
+
+
+def test_a_dump_derives_the_restore_s_caches_when_it_seals(node: RNode):
+    """The mount entries and the tasks' credentials are decoded (pycriu) when the checkpoint is sealed,
+    not on its first restore's create: 0.09-0.16 s of `compatible` on the H200."""
+    make_checkpoint(node, "drv")
+    key = hashlib.sha256((node.store / "drv" / "metadata.json").read_bytes()).hexdigest()
+    mounts = json.loads((node.seals / "drv.mounts.json").read_text())
+    security = json.loads((node.seals / "drv.security.json").read_text())
+    assert mounts["key"] == key and any(e.get("mountpoint") == "/" for e in mounts["entries"]), mounts
+    assert security["key"] == key and security["tasks"] and security["tasks"][0]["uids"][0] == 0, security
+    c = node.ctr("d1", ann("drv"))
+    c.create()
+    restored = [r for r in c.log_records() if "restored from drv" in r.get("msg", "")]
+    assert restored, c.log_text()
+    c.start()
+    c.ask()
+    c.stop()
+    c.delete()
