@@ -165,7 +165,7 @@ class Container:
                             image_fingerprint=image_id.fingerprint(rootfs_dir, settings.state_dir))
         ct = cls(settings, rc, log, sd, st, b)
         ct.busy_fd = busy
-        ct.budget = budget or CreateBudget.start(settings.create_budget_s)
+        ct.budget = budget or CreateBudget.from_now(settings.create_budget_s)  # intercept passes the process's
         return ct
 
     def _bind(self) -> None:

@@ -414,3 +414,14 @@ def test_state_of_an_earlier_version_reads_as_its_status(settings, fake, tmp_pat
     (ct.sd.path / "state.json").write_text(json.dumps({**data, "restored": False, "restored_from": None,
                                                        "dumped": True}))
     assert loaded(settings, fake).status is Status.CHECKPOINTED
+
+
+def test_a_create_inside_a_long_lived_process_counts_its_budget_from_now(settings, fake, tmp_path, monkeypatch):
+    """Container.new without a budget (tests, tools): from now. The full suite's pytest process is 18 min old
+    when these tests run; counted from its start, every restore here was abandoned as spent."""
+    from warmstart import budget
+
+    monkeypatch.setattr(budget, "process_age_s", lambda *a: 3600.0)
+    assert budget.CreateBudget.start(100).left() == 0, "the runtime's own process: counted from its start"
+    assert 89 < budget.CreateBudget.from_now(100).left() <= 90
+    assert 89 < new(settings, fake, tmp_path).budget.left() <= 90
