@@ -247,14 +247,15 @@ build_criu_source() {
 
 # One install at a time builds from $CACHE: concurrent runs (two checkouts, a DaemonSet's node install and
 # an operator's) would otherwise extract or clean $CRIU_SRC while the other compiles, installs or pip-builds
-# pycriu from it.  criu_lock holds an exclusive flock on $CACHE/criu.lock until criu_unlock (or exit).
+# pycriu from it; and would both write the config's temp file and race for the node's signing key.
+# criu_lock [WHAT] holds an exclusive flock on $CACHE/criu.lock until criu_unlock (or exit).
 CRIU_LOCK_FD=""
 criu_lock() {
   command -v flock >/dev/null || die "flock missing (apt-get install util-linux)"
   mkdir -p "$CACHE"
   exec {CRIU_LOCK_FD}>>"$CACHE/criu.lock"
   if ! flock -n "$CRIU_LOCK_FD"; then
-    log "waiting for another install's CRIU build (lock $CACHE/criu.lock)"
+    log "waiting for another install's ${1:-CRIU build} (lock $CACHE/criu.lock)"
     flock "$CRIU_LOCK_FD"
   fi
 }
@@ -436,6 +437,7 @@ step_config() {
     [ -n "$criu" ] || { criu_usable /usr/sbin/criu && criu=/usr/sbin/criu || criu="$CRIU_PREFIX/sbin/criu"; }
   fi
   mkdir -p "$ETC"
+  criu_lock "config step"  # one writer of config.toml.tmp, one maker of the node's key (released at exit)
   if [ ! -f "$ETC/config.toml" ]; then
     # One template for install.sh and the node image's installer (runtime/warmstart/nodeinstall.py).
     sed -e "s|@CRIU@|$criu|g" -e "s|@ETC@|$ETC|g" "$REPO_DIR/config/warmstart/config.toml.in" >"$ETC/config.toml.tmp"
@@ -492,6 +494,7 @@ PY
       did+=("/etc/tmpfiles.d/warmstart.conf")
     fi
   fi
+  criu_unlock
   if [ ${#did[@]} -eq 0 ]; then
     step_skipped config "$ETC/config.toml present, dirs 0700"
   else
