@@ -9,19 +9,16 @@ and the cold `runc create`, and every wait gets min(its own bound, what is left)
 """
 from __future__ import annotations
 
-import errno
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 KEY = "create_budget_s"
 DEFAULT_S = 100
 RESERVE_S = 10  # kept back for a failed restore's cleanup and the cold `runc create` after it
 MIN_S = RESERVE_S + 5
 MAX_S = 3600
-POLL_S = 0.05
 
 
 class BudgetSpent(Exception):
@@ -86,17 +83,3 @@ class CreateBudget:
             raise BudgetSpent(f"{KEY} = {self.total_s:g} in the config spent before {before} "
                               f"({self.reserve_s:g}s of it kept for a cold start)")
 
-
-def lock_within(lock_nb: Callable[[], object], timeout_s: float) -> bool:
-    """Retry `lock_nb` (a non-blocking flock/lockf call) until it takes the lock or timeout_s passes: whether it did."""
-    end = time.monotonic() + timeout_s
-    while True:
-        try:
-            lock_nb()
-            return True
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):  # EWOULDBLOCK is EAGAIN; lockf may say EACCES
-                raise
-        if time.monotonic() >= end:
-            return False
-        time.sleep(POLL_S)

@@ -20,7 +20,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from . import budget
+from .fileutil import lock_within
 
 
 def path_for(state_dir: Path, runc_root: Path, container_id: str) -> Path:
@@ -49,7 +49,7 @@ def hold(state_dir: Path, runc_root: Path, container_id: str, timeout_s: float |
         try:
             if end is None:
                 fcntl.lockf(fd, fcntl.LOCK_EX)
-            elif not budget.lock_within(partial(fcntl.lockf, fd, fcntl.LOCK_EX | fcntl.LOCK_NB),
+            elif not lock_within(partial(fcntl.lockf, fd, fcntl.LOCK_EX | fcntl.LOCK_NB),
                                         end - time.monotonic()):
                 os.close(fd)
                 return None

@@ -1,14 +1,16 @@
 """File utilities every room uses: atomic JSON writes, fsync, hashing."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import secrets
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 HASH_CHUNK = 4 * 1024 * 1024
 
@@ -19,6 +21,25 @@ def fsync_path(path: Path, directory: bool = False) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+LOCK_POLL_S = 0.05
+
+
+def lock_within(lock_nb: Callable[[], object], timeout_s: float) -> bool:
+    """Retry `lock_nb` (a non-blocking flock/lockf call) until it takes the lock or timeout_s passes (0: one
+    try): whether it did.  The one wait-with-a-deadline of the store, create and share locks."""
+    end = time.monotonic() + timeout_s
+    while True:
+        try:
+            lock_nb()
+            return True
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):  # EWOULDBLOCK is EAGAIN; lockf may say EACCES
+                raise
+        if time.monotonic() >= end:
+            return False
+        time.sleep(LOCK_POLL_S)
 
 
 class WriteBehind:

@@ -22,10 +22,9 @@ import errno
 import fcntl
 import os
 import stat
-import time
 from types import TracebackType
 
-POLL_S = 0.05
+from .fileutil import lock_within
 
 
 class LockError(OSError):
@@ -63,17 +62,7 @@ class LockFile:
         if exclusive and not self.writable:
             raise LockError(errno.EBADF, f"lock file {self.name}: read-only; an exclusive lock needs write access")
         how = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
-        end = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.lockf(self.fd, how, 1, byte, os.SEEK_SET)
-                return True
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-            if time.monotonic() >= end:
-                return False
-            time.sleep(POLL_S)
+        return lock_within(lambda: fcntl.lockf(self.fd, how, 1, byte, os.SEEK_SET), timeout_s)
 
     def release(self, byte: int) -> None:
         fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, byte, os.SEEK_SET)

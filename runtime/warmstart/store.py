@@ -32,14 +32,13 @@ from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import budget
 from .ids import validate_id
 from .config import Settings
 from .phases import Phases
 from .trust import K8S_NAMESPACE_RE, LOCAL_SCOPE
 from .dynamo_protocol import marker_body
-from .fileutil import KnownDigest, fsync_path, manifest_digest, manifest_entry, sha256_file, stat_identity, \
-    write_json_atomic  # noqa: F401
+from .fileutil import KnownDigest, fsync_path, lock_within, manifest_digest, manifest_entry, sha256_file, \
+    stat_identity, write_json_atomic  # noqa: F401
 from .signing import SignatureError, TrustPolicy, sign
 
 MARKER = "checkpoint.done"
@@ -137,7 +136,7 @@ class Store:
                 flags = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
                 try:
                     if blocking and end is not None:
-                        if not budget.lock_within(partial(fcntl.flock, fd, flags | fcntl.LOCK_NB),
+                        if not lock_within(partial(fcntl.flock, fd, flags | fcntl.LOCK_NB),
                                                   end - time.monotonic()):
                             raise BlockingIOError
                     else:

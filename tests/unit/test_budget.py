@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from warmstart import budget, config, createlock, runc
+from warmstart import budget, config, createlock, fileutil, runc
 from warmstart.budget import BudgetSpent, CreateBudget
 from warmstart.cli import doctor
 from warmstart.config import ConfigError, RegistrySettings, Settings
@@ -59,10 +59,10 @@ def test_lock_within_gives_up_at_its_timeout(tmp_path: Path):
     a, b = os.open(path, os.O_RDWR | os.O_CREAT), os.open(path, os.O_RDWR)
     fcntl.flock(a, fcntl.LOCK_EX)
     t = time.monotonic()
-    assert not budget.lock_within(lambda: fcntl.flock(b, fcntl.LOCK_EX | fcntl.LOCK_NB), 0.3)
+    assert not fileutil.lock_within(lambda: fcntl.flock(b, fcntl.LOCK_EX | fcntl.LOCK_NB), 0.3)
     assert 0.25 < time.monotonic() - t < 2
     fcntl.flock(a, fcntl.LOCK_UN)
-    assert budget.lock_within(lambda: fcntl.flock(b, fcntl.LOCK_EX | fcntl.LOCK_NB), 0.3)
+    assert fileutil.lock_within(lambda: fcntl.flock(b, fcntl.LOCK_EX | fcntl.LOCK_NB), 0.3)
     os.close(a)
     os.close(b)
 
