@@ -74,23 +74,21 @@ def plan(image_dir: Path, spec: dict[str, Any], proc_root: Path = Path("/proc"),
     file) and `key` (the verified checkpoint's metadata hash) that happens once per checkpoint.
     """
     try:
-        entries = _cached_entries(cache, key) if cache and key else None
-        if entries is None:
-            entries = criu.mount_entries(image_dir)
-            if cache and key:
-                _store_entries(cache, key, entries)
+        entries = entries_cached(image_dir, cache, key)
     except Exception as e:  # noqa: BLE001 - an unreadable image: refuse rather than let CRIU fail late
         return MountPlan(reason=f"cannot read the checkpoint's mount images: {type(e).__name__}: {e}")
     return plan_entries(entries, spec, proc_root)
 
 
-def prime(image_dir: Path, cache: Path, key: str) -> None:
-    """Fill `plan`'s cache for a checkpoint just sealed, so that its first restore decodes nothing;
-    an unreadable image is left for `plan` to refuse."""
-    try:
-        _store_entries(cache, key, criu.mount_entries(image_dir))
-    except Exception:  # noqa: BLE001 - only a cache: plan() reads the images itself and says why
-        pass
+def entries_cached(image_dir: Path, cache: Path | None, key: str) -> list[dict[str, Any]]:
+    """The checkpoint's mount entries, decoded once per checkpoint (the cache holds them under `key`).
+    Store.seal calls it too, so that a checkpoint's first restore decodes nothing."""
+    entries = _cached_entries(cache, key) if cache and key else None
+    if entries is None:
+        entries = criu.mount_entries(image_dir)
+        if cache and key:
+            _store_entries(cache, key, entries)
+    return entries
 
 
 def _cached_entries(cache: Path, key: str) -> list[dict[str, Any]] | None:

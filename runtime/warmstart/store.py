@@ -267,11 +267,11 @@ class Store:
         of each checkpoint on the H200).  Only caches keyed by the metadata hash: a restore that finds none,
         or an image these cannot read, decodes and judges for itself."""
         from . import mounts, trust  # noqa: PLC0415 - pycriu; only where a checkpoint is sealed
-        mounts.prime(path, self._derived_path(cid, "mounts"), key)
-        try:
-            trust.tasks_cached(path, self._derived_path(cid, "security"), key)
-        except Exception:  # noqa: BLE001 - the restore reads the images again and refuses with the reason
-            pass
+        for derive, name in ((mounts.entries_cached, "mounts"), (trust.tasks_cached, "security")):
+            try:  # a cache already holding `key` (a re-seal) is read, not decoded again
+                derive(path, self._derived_path(cid, name), key)
+            except Exception:  # noqa: BLE001 - the restore reads the images again and refuses with the reason
+                pass
 
     def _seal_matches(self, cid: str, path: Path) -> str | None:
         """None when the seal holds; else why not."""

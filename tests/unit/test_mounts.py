@@ -79,3 +79,18 @@ def test_apply_refuses_escapes(tmp_path):
 def test_unreadable_images_are_refused(tmp_path):
     (tmp_path / "mountpoints-13.img").write_bytes(b"garbage")
     assert "cannot read" in mounts.plan(tmp_path, SPEC).reason
+
+
+def test_entries_are_decoded_once_per_checkpoint_key(tmp_path, monkeypatch):
+    """Store.seal and plan share one cache: a key it holds is read (a re-seal decodes nothing), another
+    key is decoded again and replaces it."""
+    decoded = []
+    monkeypatch.setattr(mounts.criu, "mount_entries",
+                        lambda d: decoded.append(d) or [{"mnt_id": 1, "mountpoint": "/"}])
+    cache = tmp_path / "ck.mounts.json"
+    assert mounts.entries_cached(tmp_path, cache, "k1") == [{"mnt_id": 1, "mountpoint": "/"}]
+    assert mounts.entries_cached(tmp_path, cache, "k1") == [{"mnt_id": 1, "mountpoint": "/"}]
+    assert len(decoded) == 1
+    assert mounts.plan(tmp_path, SPEC, cache=cache, key="k1").reason is None and len(decoded) == 1
+    mounts.entries_cached(tmp_path, cache, "k2")
+    assert len(decoded) == 2
