@@ -86,7 +86,10 @@ class WriteBehind:
         except OSError:
             return
         for e in entries:
-            try:
+            try:  # scandir's lstat: an entry that did not grow is not opened again
+                if not e.is_file(follow_symlinks=False) \
+                        or e.stat(follow_symlinks=False).st_size <= self._done.get(e.name, 0):
+                    continue
                 fd = os.open(e.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError:
                 continue

@@ -65,3 +65,20 @@ def test_write_behind_really_starts_write_back(tmp_path):
         assert fn(fd, 0, 1 << 20, fileutil.WriteBehind.SYNC_FILE_RANGE_WRITE) == 0
     finally:
         os.close(fd)
+
+
+def test_write_behind_opens_only_files_that_grew(tmp_path, monkeypatch):
+    (tmp_path / "pages-1.img").write_bytes(b"x" * 4096)
+    (tmp_path / "core-1.img").write_bytes(b"y" * 100)
+    wb = fileutil.WriteBehind(tmp_path, syscall=lambda *a: 0)
+    wb.tick()
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(fileutil.os, "open",
+                        lambda p, *a, **k: opened.append(os.path.basename(p)) or real_open(p, *a, **k))
+    wb.tick()
+    assert opened == [], "nothing grew: nothing opened"
+    with open(tmp_path / "pages-1.img", "ab") as f:
+        f.write(b"x")
+    wb.tick()
+    assert opened == ["pages-1.img"]
